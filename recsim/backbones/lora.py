@@ -1,0 +1,77 @@
+"""LoRA through peft, and the few helpers methods need on top of it (layer-wise selection, snapshots)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+
+def add_lora(model, lora_cfg):
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def lora_parameters(model, adapter: str = "default") -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n + "."}
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_of(param_name: str) -> int | None:
+    """Transformer block index of a parameter name (`...layers.7.self_attn...` -> 7), None outside blocks."""
+    m = _LAYER.search(param_name)
+    return int(m.group(1)) if m else None
+
+
+def set_trainable(model, layers: set[int] | None = None, adapter: str = "default") -> int:
+    """Train only the LoRA parameters of `adapter` (of the given layers, all layers when None).
+
+    Everything else gets requires_grad=False, so it is bit-for-bit unchanged by the update.
+    Returns the number of trainable parameters.
+    """
+    lora = lora_parameters(model, adapter)
+    count = 0
+    for name, p in model.named_parameters():
+        train = name in lora and (layers is None or layer_of(name) in layers)
+        p.requires_grad_(train)
+        count += p.numel() if train else 0
+    return count
+
+
+def snapshot(model, adapter: str = "default") -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lora_parameters(model, adapter).items()}
+
+
+@torch.no_grad()
+def load_snapshot(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for n, v in state.items():
+        params[n].copy_(v)
+
+
+class swapped_lora:
+    """Context manager: run the model with other LoRA weights (a frozen anchor), then put them back.
+
+    Cheaper than a second model copy: only the LoRA tensors (a few MB) move.
+    """
+
+    def __init__(self, model, state: dict[str, torch.Tensor]):
+        self.model, self.state = model, state
+
+    def __enter__(self):
+        self.saved = {n: p.detach().clone() for n, p in dict(self.model.named_parameters()).items() if n in self.state}
+        load_snapshot(self.model, self.state)
+        return self.model
+
+    def __exit__(self, *exc):
+        load_snapshot(self.model, self.saved)
+        return False

@@ -1,0 +1,83 @@
+"""The continual-update method interface, and the three plain methods of the spine.
+
+The runner calls, for every stage: ``training_samples`` (which data the update sees: a method may
+filter it), ``before_update`` (which parameters train, which loss terms join the loss, adapters to
+add or reset), the fit itself (a fresh Lightning Trainer), then ``after_update``. Stage 0 trains the
+initial model and is the same for every method that keeps ``shares_base_stage``.
+"""
+
+from __future__ import annotations
+
+from recsim.protocols.base import Protocol, Sample, StageData, make_samples
+
+
+class ContinualMethod:
+    name = "method"
+    shares_base_stage = True  # stage 0 (the initial model) does not depend on the method
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.protocol: Protocol | None = None
+
+    def setup(self, rec, protocol: Protocol) -> None:
+        self.protocol = protocol
+
+    def training_samples(self, stage: StageData, rec) -> list[Sample] | None:
+        """Samples the update trains on; None means no update at this stage."""
+        targets = stage.cumulative_targets if stage.index == 0 else stage.new_targets
+        return make_samples(stage.sequences, targets, self.protocol.window)
+
+    def before_update(self, stage: StageData, rec, samples: list[Sample]) -> None:
+        rec.set_trainable()  # default: every adapter parameter (all parameters of a classic model)
+
+    def after_update(self, stage: StageData, rec) -> None:
+        rec.clear_loss_terms()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Base(ContinualMethod):
+    """Train once on stage 0, never update."""
+
+    name = "base"
+
+    def training_samples(self, stage, rec):
+        return super().training_samples(stage, rec) if stage.index == 0 else None
+
+
+class Retrain(ContinualMethod):
+    """At every stage, train from the initial (untrained-adapter) model on all data up to the stage."""
+
+    name = "retrain"
+
+    def training_samples(self, stage, rec):
+        return make_samples(stage.sequences, stage.cumulative_targets, self.protocol.window)
+
+    def before_update(self, stage, rec, samples):
+        if stage.index > 0:
+            rec.reset_to_initial()
+        super().before_update(stage, rec, samples)
+
+
+class Finetune(ContinualMethod):
+    """Continue training the current model on the new stage's data only."""
+
+    name = "finetune"
+
+
+METHODS = {cls.name: cls for cls in (Base, Retrain, Finetune)}
+
+
+def register(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(cfg) -> ContinualMethod:
+    if cfg.name not in METHODS:
+        raise ValueError(f"method.name={cfg.name!r} is not one of {sorted(METHODS)}")
+    return METHODS[cfg.name](cfg)

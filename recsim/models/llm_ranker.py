@@ -1,0 +1,179 @@
+"""TALLRec-style LLM recommender: a causal LM with LoRA learns to write the next item's title after a
+prompt listing the user's history, and ranks candidates by the likelihood of their titles.
+
+Scoring choice (config `scoring.normalize`): a candidate's score is the mean log-probability per token
+of " <title><eos>" after the prompt (`mean`, the default, so long titles are not penalised for their
+length), or the sum (`sum`, the sequence log-likelihood). The EOS token is included so that a title
+which is a prefix of another is not favoured. The prompt is run once per user; its KV cache is
+repeated for the C candidates, so C candidates cost one prompt pass plus C short title passes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recsim.models.prompts import answer_text, history_prompt
+from recsim.protocols.base import Sample
+
+LossTerm = Callable[["LLMRanker", dict, dict], dict]
+
+
+class LLMRanker(L.LightningModule):
+    def __init__(self, model, tokenizer, titles: list[str], prompt_cfg, scoring_cfg, optim_cfg):
+        super().__init__()
+        self.model = model  # a peft PeftModel (LoRA injected into the base)
+        self.tok = tokenizer
+        self.titles = titles
+        self.prompt_cfg = prompt_cfg
+        self.scoring_cfg = scoring_cfg
+        self.optim_cfg = optim_cfg
+        self.loss_terms: list[LossTerm] = []  # extra loss terms a method adds (KL, EWC, ...)
+        self._answer_ids: dict[int, list[int]] = {}
+
+    # ---- text -> tokens -------------------------------------------------------------------------
+    @property
+    def base(self):
+        return self.model.get_base_model()
+
+    def prompt_for(self, history) -> str:
+        hist = list(history)[-self.prompt_cfg.max_history :]
+        return history_prompt([self.titles[i] for i in hist], self.prompt_cfg.template, self.prompt_cfg.max_title_words)
+
+    def prompt_ids(self, history) -> list[int]:
+        ids = self.tok(self.prompt_for(history), add_special_tokens=False).input_ids
+        return ids[-self.prompt_cfg.max_prompt_tokens :]  # safety net; the window and word cap bound it first
+
+    def answer_ids(self, item: int) -> list[int]:
+        if item not in self._answer_ids:
+            text = answer_text(self.titles[item], self.scoring_cfg.max_title_words)
+            ids = self.tok(text, add_special_tokens=False).input_ids[: self.scoring_cfg.max_answer_tokens]
+            self._answer_ids[item] = ids + [self.tok.eos_token_id]
+        return self._answer_ids[item]
+
+    def collate(self, samples: list[Sample]) -> dict:
+        """Left-padded prompt+answer sequences; labels are -100 except on the answer tokens."""
+        seqs, labels = [], []
+        for s in samples:
+            p, a = self.prompt_ids(s.history), self.answer_ids(s.target)
+            seqs.append(p + a)
+            labels.append([-100] * len(p) + a)
+        width = max(map(len, seqs))
+        pad = self.tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        label_t = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+                "user": torch.tensor([s.user for s in samples])}
+
+    def _left_pad(self, rows: list[list[int]]):
+        width = max(map(len, rows))
+        pad = self.tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return ids, mask
+
+    # ---- model passes ---------------------------------------------------------------------------
+    def _decode(self, input_ids, attention_mask, **kw):
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+        return self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kw)
+
+    def answer_logits(self, batch: dict) -> dict:
+        """Logits at the positions that predict answer tokens: {"logits": [M, V], "targets": [M], "row": [M]}."""
+        hidden = self._decode(batch["input_ids"], batch["attention_mask"]).last_hidden_state  # [B, L, H]
+        shifted = batch["labels"][:, 1:]
+        where = shifted != -100  # [B, L-1]
+        h = hidden[:, :-1][where]  # [M, H]
+        rows = torch.arange(shifted.shape[0], device=shifted.device)[:, None].expand_as(shifted)[where]
+        return {"logits": self.base.get_output_embeddings()(h).float(), "targets": shifted[where], "row": rows}
+
+    def training_step(self, batch, batch_idx):
+        out = self.answer_logits(batch)
+        loss = F.cross_entropy(out["logits"], out["targets"])  # L_e: NLL of the answer tokens
+        logs = {"train/nll": loss.detach()}
+        for term in self.loss_terms:
+            for name, value in term(self, batch, out).items():
+                loss = loss + value
+                logs[f"train/{name}"] = value.detach()
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay)
+        if self.optim_cfg.get("scheduler", "constant") == "cosine":
+            steps = max(1, self.trainer.estimated_stepping_batches)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
+
+    # ---- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_candidates(self, samples: list[Sample], candidates: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        """Scores [n, C] of each sample's candidate items (higher = more likely next)."""
+        was_training = self.training
+        self.eval()
+        out = np.zeros(candidates.shape, dtype=np.float64)
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            out[start : start + len(chunk)] = self._score_chunk(chunk, candidates[start : start + len(chunk)])
+        self.train(was_training)
+        return out
+
+    def _score_chunk(self, samples, cands: np.ndarray) -> np.ndarray:
+        B, C = cands.shape
+        p_ids, p_mask = self._left_pad([self.prompt_ids(s.history) for s in samples])
+        first = self._decode(p_ids, p_mask, use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(C)  # share the prompt pass across the C candidates
+        answers = [self.answer_ids(int(i)) for i in cands.reshape(-1)]
+        width = max(map(len, answers))
+        a_ids = torch.tensor([a + [self.tok.pad_token_id] * (width - len(a)) for a in answers], device=self.device)
+        a_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=self.device)
+        attn = torch.cat([p_mask.repeat_interleave(C, 0), a_mask], dim=1)
+        positions = p_mask.sum(1).repeat_interleave(C)[:, None] + torch.arange(width, device=self.device)
+        second = self.base.get_decoder()(
+            input_ids=a_ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=False
+        )
+        # token k of an answer is predicted by answer position k-1, token 0 by the prompt's last position
+        h = torch.cat([first.last_hidden_state[:, -1:].repeat_interleave(C, 0), second.last_hidden_state[:, :-1]], 1)
+        head = self.base.get_output_embeddings()
+        token_lp = torch.zeros(a_ids.shape, device=self.device)
+        rows = 256  # bounds the [rows, width, V] logits block on CPU
+        for r in range(0, B * C, rows):
+            logp = torch.log_softmax(head(h[r : r + rows]).float(), -1)
+            token_lp[r : r + rows] = logp.gather(-1, a_ids[r : r + rows, :, None])[..., 0]
+        token_lp = token_lp * a_mask
+        total = token_lp.sum(1)
+        if self.scoring_cfg.normalize == "mean":
+            total = total / a_mask.sum(1)
+        return total.view(B, C).double().cpu().numpy()
+
+    @torch.no_grad()
+    def layer_states(self, histories: list, pooling: str = "last", batch_size: int = 8) -> torch.Tensor:
+        """Per-layer prompt representation [num_layers, n, H] (EvoRec's Locate, L2D's memory).
+
+        pooling="last": the last prompt token (the state that would produce the answer);
+        pooling="mean": mean over the prompt's real tokens (padding excluded).
+        """
+        was_training = self.training
+        self.eval()
+        chunks = []
+        for start in range(0, len(histories), batch_size):
+            ids, mask = self._left_pad([self.prompt_ids(h) for h in histories[start : start + batch_size]])
+            states = self._decode(ids, mask, output_hidden_states=True).hidden_states[1:]  # skip embeddings
+            stacked = torch.stack(states)  # [layers, B, L, H]
+            if pooling == "last":
+                chunks.append(stacked[:, :, -1].float())
+            elif pooling == "mean":
+                m = mask[None, :, :, None].to(stacked.dtype)
+                chunks.append(((stacked * m).sum(2) / m.sum(2)).float())
+            else:
+                raise ValueError(f"pooling={pooling!r}: expected 'last' or 'mean'")
+        self.train(was_training)
+        return torch.cat(chunks, dim=1)

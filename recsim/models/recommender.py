@@ -1,0 +1,88 @@
+"""What the runner and the methods see of a model: one small interface over the LLM ranker and the
+classic sequential models, so a method never branches on the backbone's type."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsim.backbones import lora as lora_ops
+from recsim.backbones.llm import load_base_model, load_tokenizer, weights_hash
+from recsim.models.llm_ranker import LLMRanker
+from recsim.protocols.base import EncodedData, Sample
+
+
+def package_versions() -> dict:
+    import lightning, peft, transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "lightning": lightning.__version__}
+
+
+class LLMRecommender:
+    kind = "llm"
+    can_rank_all = False  # scoring every catalogue title per user is not affordable; candidates only
+
+    def __init__(self, cfg, data: EncodedData, cache_dir: str | Path, seed: int):
+        self.cfg = cfg
+        bb = cfg.backbone
+        self.tokenizer = load_tokenizer(bb, cache_dir)
+        base = load_base_model(bb, cache_dir, seed=seed)
+        self.base_hash = weights_hash(base)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: seed them
+            model = lora_ops.add_lora(base, bb.lora)
+        self.module = LLMRanker(model, self.tokenizer, data.titles, cfg.recipe.prompt, cfg.recipe.scoring, cfg.trainer.base)
+        self.initial = lora_ops.snapshot(model)
+
+    @property
+    def model(self):
+        return self.module.model
+
+    def collate(self, samples: list[Sample]) -> dict:
+        return self.module.collate(samples)
+
+    def set_optim(self, optim_cfg) -> None:
+        self.module.optim_cfg = optim_cfg
+
+    def set_trainable(self, layers: set[int] | None = None) -> int:
+        return lora_ops.set_trainable(self.model, layers)
+
+    def reset_to_initial(self) -> None:
+        lora_ops.load_snapshot(self.model, self.initial)
+
+    def add_loss_term(self, term) -> None:
+        self.module.loss_terms.append(term)
+
+    def clear_loss_terms(self) -> None:
+        self.module.loss_terms.clear()
+
+    def tracked_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Parameters an update could change: every adapter weight and anything set trainable."""
+        return {n: p for n, p in self.model.named_parameters() if "lora_" in n or p.requires_grad}
+
+    def score_candidates(self, samples: list[Sample], candidates: np.ndarray, batch_size: int) -> np.ndarray:
+        return self.module.score_candidates(samples, candidates, batch_size)
+
+    def save(self, folder: Path) -> None:
+        """peft's own adapter format (loadable by other tools) plus what is needed to detect drift."""
+        self.model.save_pretrained(str(folder / "adapter"))
+        meta = {"backbone": self.cfg.backbone.name, "source": self.cfg.backbone.source,
+                "pretrained": self.cfg.backbone.get("pretrained"), "base_weights_hash": self.base_hash,
+                "versions": package_versions()}
+        (folder / "adapter" / "recsim_meta.json").write_text(json.dumps(meta, indent=2))
+
+    def load(self, folder: Path) -> None:
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        meta = json.loads((folder / "adapter" / "recsim_meta.json").read_text())
+        if meta["base_weights_hash"] != self.base_hash:
+            raise RuntimeError(f"{folder}/adapter was trained on other base weights ({meta['base_weights_hash']} "
+                               f"!= {self.base_hash}); refusing to resume on a different backbone")
+        for name in self.model.peft_config:
+            sub = folder / "adapter" if name == "default" else folder / "adapter" / name
+            set_peft_model_state_dict(self.model, load_peft_weights(str(sub)), adapter_name=name)

@@ -1,0 +1,256 @@
+"""The continual loop: stages are an outer loop inside one job (a fresh Trainer per stage).
+
+After every stage each evaluation split is scored, filling R[i, j] (model after stage i, split of
+stage j). Each finished stage is published atomically (adapter, method state, results, DONE); rerunning
+the same command on the same output dir resumes after the last finished stage. Stage-local seeds
+(seed, stage index) make a resumed run replay exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from recsim.data.load import load_dataset
+from recsim.eval.continual import continual_summary, matrix_to_markdown
+from recsim.eval.metrics import ranks_from_scores, ranks_full, summarise
+from recsim.methods import build_method
+from recsim.protocols import build_protocol
+from recsim.protocols.base import EncodedData
+from recsim.protocols.candidates import draw_candidates, save_candidates
+from recsim.utils.io import frame_to_markdown, publish_dir, write_csv, write_json, write_text
+from recsim.utils.resources import UpdateMeter
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ["dataset", "method", "backbone", "recipe", "protocol", "eval_mode", "candidates", "seed", "stage",
+                  "stage_name", "split", "group", "metric", "value", "ci_low", "ci_high", "n_users"]
+
+
+def build_recommender(cfg: DictConfig, data: EncodedData):
+    kind = cfg.backbone.kind
+    if kind == "llm":
+        from recsim.models.recommender import LLMRecommender
+
+        return LLMRecommender(cfg, data, cfg.paths.cache_dir, cfg.seed)
+    if kind == "sequential":
+        from recsim.models.recommender import SequentialRecommender
+
+        return SequentialRecommender(cfg, data, cfg.seed)
+    raise ValueError(f"backbone.kind={kind!r}: expected 'llm' or 'sequential'")
+
+
+def _stage_seed(seed: int, stage: int) -> int:
+    return seed * 1000 + stage
+
+
+def _loggers(cfg, out: Path, stage_index: int):
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(str(out), name="logs", version=f"stage{stage_index}")]
+    if cfg.logger.get("wandb"):
+        from recsim.utils.wandb_logger import wandb_logger
+
+        loggers.append(wandb_logger(cfg, out))
+    return loggers
+
+
+def fit_stage(cfg, stage, rec, method, samples, out: Path) -> dict:
+    """One update: a fresh Trainer on the method's samples. Returns the efficiency figures."""
+    optim = cfg.trainer.base if stage.index == 0 else cfg.trainer.update
+    cap = cfg.trainer.get("max_train_samples")
+    if samples and cap and len(samples) > cap:  # a seeded subsample keeps CPU runs affordable
+        keep = np.random.default_rng(_stage_seed(cfg.seed, stage.index)).choice(len(samples), cap, replace=False)
+        samples = [samples[i] for i in sorted(keep)]
+    if not samples:
+        return {"train_samples": 0, "trainable_params": 0, "changed_params": 0, "update_seconds": 0.0}
+    method.before_update(stage, rec, samples)
+    rec.set_optim(optim)
+    before = {n: p.detach().clone() for n, p in rec.tracked_parameters().items()}
+    trainable = sum(p.numel() for p in rec.module.parameters() if p.requires_grad)
+    loader = DataLoader(samples, batch_size=cfg.trainer.batch_size, shuffle=True, collate_fn=rec.collate,
+                        generator=torch.Generator().manual_seed(_stage_seed(cfg.seed, stage.index)))
+    trainer = L.Trainer(
+        max_epochs=optim.epochs, max_steps=optim.get("max_steps", -1), accelerator=cfg.trainer.accelerator,
+        devices=1, precision=cfg.trainer.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
+        deterministic=cfg.trainer.deterministic, gradient_clip_val=cfg.trainer.gradient_clip_val,
+        logger=_loggers(cfg, out, stage.index), enable_checkpointing=False, num_sanity_val_steps=0,
+        enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False, log_every_n_steps=1,
+    )
+    with UpdateMeter() as meter:
+        trainer.fit(rec.module, loader)
+    method.after_update(stage, rec)
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in rec.tracked_parameters().items() if n in before)
+    return {"train_samples": len(samples), "trainable_params": trainable, "changed_params": changed,
+            "update_seconds": meter.seconds, "peak_mem_mb": meter.peak_mb, "memory_kind": meter.memory_kind}
+
+
+def evaluate_stage(cfg, protocol, rec, stage) -> list[dict]:
+    names = list(protocol.splits) if cfg.eval.all_splits else [stage.eval_split]
+    rows = []
+    ks = list(cfg.eval.ks)
+    for name in names:
+        split = protocol.splits[name]
+        ranks = {"candidates": {}, "full": {}}
+        for group, samples in split.samples.items():
+            if not samples:
+                continue
+            cands = split.candidates[group]
+            scores = []
+            for start in tqdm(range(0, len(samples), 64), desc=f"eval {stage.name} on {name}/{group}", leave=False,
+                              disable=not cfg.trainer.progress_bar):
+                scores.append(rec.score_candidates(samples[start : start + 64], cands[start : start + 64], cfg.eval.batch_size))
+            ranks["candidates"][group] = ranks_from_scores(np.concatenate(scores))
+            if rec.can_rank_all and cfg.eval.full_ranking:
+                full = rec.score_all(samples)
+                # full ranking masks the items the user has already interacted with (the visible history)
+                ranks["full"][group] = ranks_full(full, np.array([s.target for s in samples]), [s.history for s in samples])
+        for mode, by_group in ranks.items():
+            if not by_group:
+                continue
+            by_group["all"] = np.concatenate(list(by_group.values()))
+            for group, r in by_group.items():
+                for m in summarise(r, ks, cfg.eval.n_boot, cfg.seed):
+                    rows.append({"eval_mode": mode, "candidates": f"1+{cfg.eval.negatives}" if mode == "candidates" else "all",
+                                 "stage": stage.index, "stage_name": stage.name, "split": name, "group": group, **m})
+    return rows
+
+
+def _swept_columns() -> dict:
+    """Every command-line override (but seed, which has its own column) becomes a `cfg.<key>` column."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:  # not under Hydra (tests calling run() directly)
+        return {}
+    cols = {}
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key not in ("seed",) and not key.startswith(("hydra.", "paths.", "logger")):
+            cols[f"cfg.{key}"] = value
+    return cols
+
+
+def run(cfg: DictConfig) -> Path:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "DONE").exists():
+        log.info("%s is complete (DONE present); nothing to do", out)
+        print((out / "results.md").read_text())
+        return out
+    write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+
+    data = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
+    stats = data.stats()
+    write_json(out / "dataset_stats.json", stats)
+    log.info("dataset %s: %s", data.name, stats)
+    enc = EncodedData.from_data(data)
+    protocol = build_protocol(cfg.stage, enc)
+    for split in protocol.splits.values():
+        draw_candidates(split, enc, cfg.eval.negatives, cfg.seed)
+    save_candidates(protocol.splits, out / "candidates.npz")
+    write_json(out / "protocol.json", {**protocol.description, "window": protocol.window, "stages": [
+        {"index": s.index, "name": s.name, "active_users": len(s.active_users), "inactive_users": len(s.inactive_users),
+         "new_targets": sum(map(len, s.new_targets.values())), "eval_split": s.eval_split} for s in protocol.stages],
+        "splits": {n: {g: len(v) for g, v in sp.samples.items()} for n, sp in protocol.splits.items()}})
+
+    rec = build_recommender(cfg, enc)
+    method = build_method(cfg.method)
+    method.setup(rec, protocol)
+    base_cols = {"dataset": cfg.dataset.name, "method": cfg.method.name, "backbone": cfg.backbone.name,
+                 "recipe": cfg.recipe.name, "protocol": cfg.stage.name, "seed": cfg.seed, **_swept_columns()}
+
+    all_rows = []
+    for stage in protocol.stages:
+        stage_dir = out / "stages" / f"{stage.index:02d}_{stage.name}"
+        if (stage_dir / "DONE").exists():
+            log.info("stage %s already finished: loading it", stage.name)
+            rec.load(stage_dir)
+            method.load_state_dict(torch.load(stage_dir / "method.pt", weights_only=False))
+            all_rows.append(pd.read_csv(stage_dir / "results.csv"))
+            continue
+        L.seed_everything(_stage_seed(cfg.seed, stage.index), workers=True)
+        samples = method.training_samples(stage, rec)
+        eff = fit_stage(cfg, stage, rec, method, samples, out)
+        rows = evaluate_stage(cfg, protocol, rec, stage)
+        for key in ("train_samples", "trainable_params", "changed_params", "update_seconds", "peak_mem_mb"):
+            if key in eff:
+                rows.append({"eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
+                             "split": "-", "group": "-", "metric": key, "value": float(eff[key])})
+        frame = pd.DataFrame([{**base_cols, **r} for r in rows])
+        tmp = stage_dir.with_name(stage_dir.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        rec.save(tmp)
+        torch.save(method.state_dict(), tmp / "method.pt")
+        write_csv(tmp / "results.csv", frame)
+        write_json(tmp / "efficiency.json", eff)
+        write_text(tmp / "DONE", "")
+        publish_dir(tmp, stage_dir)
+        all_rows.append(frame)
+
+    results = pd.concat(all_rows, ignore_index=True)
+    ordered = [c for c in RESULT_COLUMNS if c in results.columns] + [c for c in results.columns if c not in RESULT_COLUMNS]
+    results = results[ordered]
+    write_csv(out / "results.csv", results)
+    summary = continual_report(results, protocol, cfg)
+    split_of = {s.index: s.eval_split for s in protocol.stages}
+    markdown = render_run_markdown(results, cfg, split_of) + "\n" + summary
+    write_text(out / "results.md", markdown)
+    write_text(out / "DONE", "")
+    print(markdown)
+    return out
+
+
+def continual_report(results: pd.DataFrame, protocol, cfg) -> str:
+    """R[i, j] for the configured metric on all users, with forgetting and transfer figures."""
+    metric = cfg.eval.r_metric
+    split_of = [s.eval_split for s in protocol.stages]
+    lines = []
+    matrices = {}
+    for mode in [m for m in results["eval_mode"].unique() if m != "-"]:
+        sel = results[(results.metric == metric) & (results.group == "all") & (results.eval_mode == mode)]
+        S = len(protocol.stages)
+        R = np.full((S, S), np.nan)
+        for i in range(S):
+            for j in range(S):
+                hit = sel[(sel.stage == i) & (sel.split == split_of[j])]
+                if len(hit):
+                    R[i, j] = hit.value.iloc[0]
+        labels = [s.name for s in protocol.stages]
+        cols = [f"{s.name}:{s.eval_split}" for s in protocol.stages]
+        summary = continual_summary(R)
+        matrices[mode] = {"metric": metric, "R": R.tolist(), "rows": labels, "cols": cols, **summary}
+        lines += [f"### R[i, j] ({metric}, all users, {mode}): model after stage i on stage j's split", "",
+                  matrix_to_markdown(R, labels, cols), "",
+                  ", ".join(f"{k} = {v:.4f}" for k, v in summary.items() if isinstance(v, float)), ""]
+    write_json(Path(cfg.paths.output_dir) / "r_matrix.json", matrices)
+    return "\n".join(lines)
+
+
+def render_run_markdown(results: pd.DataFrame, cfg, split_of: dict[int, str]) -> str:
+    """Per stage, its own split (the diagonal of R) for every group; the full matrix follows below."""
+    quality = results[results.eval_mode != "-"]
+    metrics = [m for m in cfg.eval.table_metrics if m in set(quality.metric)]
+    lines = [f"## {cfg.method.name} on {cfg.dataset.name} ({cfg.backbone.name}, {cfg.stage.name}, seed {cfg.seed})", ""]
+    for mode in quality.eval_mode.unique():
+        sel = quality[(quality.eval_mode == mode) & quality.metric.isin(metrics)]
+        sel = sel[sel.split == sel.stage.map(split_of)]
+        cell = sel.assign(text=[f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in zip(sel.value, sel.ci_low, sel.ci_high)])
+        table = cell.pivot_table(index=["stage", "stage_name", "split"], columns=["group", "metric"], values="text", aggfunc="first")
+        lines += [f"### {mode} ranking ({sel.candidates.iloc[0] if len(sel) else ''} candidates; mean [95% bootstrap CI over users])",
+                  "", frame_to_markdown(table) if len(table) else "(no rows)", ""]
+    eff = results[results.eval_mode == "-"].pivot_table(index=["stage", "stage_name"], columns="metric", values="value")
+    lines += ["### update cost", "", frame_to_markdown(eff.map(lambda v: f"{v:.6g}")), ""]
+    return "\n".join(lines)
+
