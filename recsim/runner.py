@@ -66,7 +66,7 @@ def _loggers(cfg, out: Path, stage_index: int):
 
 def fit_stage(cfg, stage, rec, method, samples, out: Path) -> dict:
     """One update: a fresh Trainer on the method's samples. Returns the efficiency figures."""
-    optim = cfg.trainer.base if stage.index == 0 else cfg.trainer.update
+    optim, batch_size = rec.schedule(stage.index)
     cap = cfg.trainer.get("max_train_samples")
     if samples and cap and len(samples) > cap:  # a seeded subsample keeps CPU runs affordable
         keep = np.random.default_rng(_stage_seed(cfg.seed, stage.index)).choice(len(samples), cap, replace=False)
@@ -77,10 +77,10 @@ def fit_stage(cfg, stage, rec, method, samples, out: Path) -> dict:
     rec.set_optim(optim)
     before = {n: p.detach().clone() for n, p in rec.tracked_parameters().items()}
     trainable = sum(p.numel() for p in rec.module.parameters() if p.requires_grad)
-    loader = DataLoader(samples, batch_size=cfg.trainer.batch_size, shuffle=True, collate_fn=rec.collate,
+    loader = DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=rec.collate,
                         generator=torch.Generator().manual_seed(_stage_seed(cfg.seed, stage.index)))
     trainer = L.Trainer(
-        max_epochs=optim.epochs, max_steps=optim.get("max_steps", -1), accelerator=cfg.trainer.accelerator,
+        max_epochs=optim.epochs, max_steps=optim.get("max_steps") or -1, accelerator=cfg.trainer.accelerator,
         devices=1, precision=cfg.trainer.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
         deterministic=cfg.trainer.deterministic, gradient_clip_val=cfg.trainer.gradient_clip_val,
         logger=_loggers(cfg, out, stage.index), enable_checkpointing=False, num_sanity_val_steps=0,

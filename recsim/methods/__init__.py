@@ -1,0 +1,5 @@
+"""Continual-update methods: each is one module; `build_method` picks one by `method.name`."""
+
+from recsim.methods.base import METHODS, ContinualMethod, build_method, register
+
+__all__ = ["METHODS", "ContinualMethod", "build_method", "register"]

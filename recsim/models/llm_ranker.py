@@ -10,6 +10,7 @@ repeated for the C candidates, so C candidates cost one prompt pass plus C short
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import lightning as L
@@ -19,6 +20,11 @@ import torch.nn.functional as F
 
 from recsim.models.prompts import answer_text, history_prompt
 from recsim.protocols.base import Sample
+
+def _cache_kwarg(decoder) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); the GPU machine has an older 5.x."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
 
 LossTerm = Callable[["LLMRanker", dict, dict], dict]
 
@@ -129,7 +135,7 @@ class LLMRanker(L.LightningModule):
         B, C = cands.shape
         p_ids, p_mask = self._left_pad([self.prompt_ids(s.history) for s in samples])
         first = self._decode(p_ids, p_mask, use_cache=True)
-        cache = first.past_key_values
+        cache = first.past_key_values if hasattr(first, "past_key_values") else first.cache
         cache.batch_repeat_interleave(C)  # share the prompt pass across the C candidates
         answers = [self.answer_ids(int(i)) for i in cands.reshape(-1)]
         width = max(map(len, answers))
@@ -137,9 +143,9 @@ class LLMRanker(L.LightningModule):
         a_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=self.device)
         attn = torch.cat([p_mask.repeat_interleave(C, 0), a_mask], dim=1)
         positions = p_mask.sum(1).repeat_interleave(C)[:, None] + torch.arange(width, device=self.device)
-        second = self.base.get_decoder()(
-            input_ids=a_ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=False
-        )
+        decoder = self.base.get_decoder()
+        second = decoder(input_ids=a_ids, attention_mask=attn, position_ids=positions, use_cache=False,
+                         **{_cache_kwarg(decoder): cache})
         # token k of an answer is predicted by answer position k-1, token 0 by the prompt's last position
         h = torch.cat([first.last_hidden_state[:, -1:].repeat_interleave(C, 0), second.last_hidden_state[:, :-1]], 1)
         head = self.base.get_output_embeddings()

@@ -46,6 +46,11 @@ class LLMRecommender:
     def collate(self, samples: list[Sample]) -> dict:
         return self.module.collate(samples)
 
+    def schedule(self, stage_index: int):
+        """(optimiser settings, batch size) of stage 0's training or of a later update."""
+        t = self.cfg.trainer
+        return t["base" if stage_index == 0 else "update"], t.batch_size  # t.update is DictConfig.update
+
     def set_optim(self, optim_cfg) -> None:
         self.module.optim_cfg = optim_cfg
 
@@ -86,3 +91,71 @@ class LLMRecommender:
         for name in self.model.peft_config:
             sub = folder / "adapter" if name == "default" else folder / "adapter" / name
             set_peft_model_state_dict(self.model, load_peft_weights(str(sub)), adapter_name=name)
+
+
+class SequentialRecommender:
+    """SASRec / GRU4Rec / BPR-MF on the same protocol; scores by dot product, can rank the whole catalogue.
+
+    Their schedule (lr, epochs, batch size) lives in the backbone config: it has nothing in common with
+    an LLM's LoRA schedule.
+    """
+
+    kind = "sequential"
+    can_rank_all = True
+
+    def __init__(self, cfg, data: EncodedData, seed: int):
+        from recsim.models.sequential import collate_samples
+        from recsim.models.sequential_module import SequentialRecModule, build_sequential
+
+        bb = cfg.backbone
+        self.cfg = cfg
+        self._collate = collate_samples
+        args = {k: bb[k] for k in ("hidden", "layers", "heads", "dropout", "max_len") if k in bb}
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_sequential(bb.model, data.num_items, **args)
+        self.module = SequentialRecModule(model, loss=bb.loss, lr=bb.lr, weight_decay=bb.weight_decay, seed=seed)
+        self.initial = {k: v.clone() for k, v in self.module.state_dict().items()}
+        self.loss_terms: list = []
+
+    def schedule(self, stage_index: int):
+        bb = self.cfg.backbone
+        return {"lr": bb.lr, "epochs": bb.epochs, "max_steps": -1}, bb.batch_size
+
+    def collate(self, samples):
+        return self._collate(samples, self.cfg.backbone.max_len)
+
+    def set_optim(self, optim) -> None:
+        self.module.lr = optim["lr"]
+
+    def set_trainable(self, layers=None) -> int:
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+        return sum(p.numel() for p in self.module.parameters())
+
+    def reset_to_initial(self) -> None:
+        self.module.load_state_dict(self.initial)
+
+    def add_loss_term(self, term) -> None:
+        raise NotImplementedError("this method adds LLM loss terms; pick an LLM backbone (backbone.kind=llm)")
+
+    def clear_loss_terms(self) -> None:
+        pass
+
+    def tracked_parameters(self):
+        return dict(self.module.named_parameters())
+
+    def _histories(self, samples):
+        return self.collate(samples)["history"]
+
+    def score_candidates(self, samples, candidates: np.ndarray, batch_size: int) -> np.ndarray:
+        return self.module.score_candidates(self._histories(samples), torch.as_tensor(candidates)).double().cpu().numpy()
+
+    def score_all(self, samples) -> np.ndarray:
+        return self.module.score_all(self._histories(samples)).double().cpu().numpy()
+
+    def save(self, folder: Path) -> None:
+        torch.save(self.module.state_dict(), folder / "model.pt")
+
+    def load(self, folder: Path) -> None:
+        self.module.load_state_dict(torch.load(folder / "model.pt"))
