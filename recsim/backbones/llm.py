@@ -16,8 +16,9 @@ import logging
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,20 @@ def load_base_model(cfg, cache_dir: str | Path, seed: int = 0):
     if cfg.source == "gguf_package":
         folder, fname = _gguf_source(cfg)
         cached = Path(cache_dir) / "backbones" / f"{cfg.name}-{_fingerprint(folder / fname)}"
-        if (cached / "config.json").is_file():
-            return AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
+        if (cached / "model.safetensors").is_file():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(cached)))
+            safetensors.torch.load_model(model, str(cached / "model.safetensors"))
+            return model.to(dtype)
         log.info("dequantising %s once (cached at %s)", fname, cached)
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=fname, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model; the dequantised weights are plain
+        # tensors, so write config + safetensors ourselves (save_model handles the tied embeddings)
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        model.save_pretrained(str(tmp))
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config))
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         (tmp / "recsim_source.json").write_text(json.dumps({"package": cfg.package, "gguf_file": fname}))
         if not cached.exists():
             os.replace(tmp, cached)

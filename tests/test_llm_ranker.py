@@ -1,0 +1,135 @@
+"""The LLM recommender on the tiny random Llama: scoring, training, adapters (numbers are not an LLM's)."""
+
+import os
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from recsim.backbones import lora as lora_ops
+from recsim.backbones.llm import load_base_model, load_tokenizer
+from recsim.models.llm_ranker import LLMRanker
+from recsim.protocols.base import Sample
+
+from conftest import REPO
+
+CACHE = os.environ["RECSIM_CACHE"]
+PROMPT = OmegaConf.create({"template": "History:\n{history}\nNext:", "max_history": 10, "max_title_words": 8,
+                           "max_prompt_tokens": 512})
+OPTIM = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.0})
+TITLES = ["<pad>"] + [f"Velvet {c} Lipstick number {i}" + " extra" * (i % 3)
+                      for i, c in enumerate(["Rose", "Plum", "Coral", "Nude", "Ruby", "Berry", "Peach", "Wine"] * 2, 1)]
+
+
+def tiny_ranker(normalize="mean", seed=0, nonzero_b=True):
+    cfg = OmegaConf.load(REPO / "recsim/conf/backbone/tiny_llama.yaml")
+    model = lora_ops.add_lora(load_base_model(cfg, CACHE, seed=seed), cfg.lora)
+    if nonzero_b:  # a fresh LoRA is the identity (B = 0); make the adapters matter for the checks
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.2)
+    scoring = OmegaConf.create({"normalize": normalize, "max_title_words": None, "max_answer_tokens": 32})
+    return LLMRanker(model, load_tokenizer(cfg, CACHE), TITLES, PROMPT, scoring, OPTIM)
+
+
+def naive_scores(ranker, samples, cands, normalize):
+    """Reference: one teacher-forced pass of prompt+candidate per (sample, candidate)."""
+    ranker.eval()
+    out = np.zeros(cands.shape)
+    with torch.no_grad():
+        for i, s in enumerate(samples):
+            for j, c in enumerate(cands[i]):
+                res = ranker.answer_logits(ranker.collate([Sample(s.user, s.history, int(c))]))
+                lp = torch.log_softmax(res["logits"], -1).gather(-1, res["targets"][:, None])[:, 0]
+                out[i, j] = (lp.mean() if normalize == "mean" else lp.sum()).item()
+    return out
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_shared_prompt_scoring_equals_one_pass_per_candidate(normalize):
+    ranker = tiny_ranker(normalize)
+    samples = [Sample(0, (1, 2, 3), 4), Sample(1, (5,), 6), Sample(2, tuple(range(1, 15)), 15)]
+    cands = np.array([[4, 7, 9, 2], [6, 1, 2, 16], [15, 16, 3, 11]])
+    fast = ranker.score_candidates(samples, cands, batch_size=2)  # batches of unequal prompt lengths
+    np.testing.assert_allclose(fast, naive_scores(ranker, samples, cands, normalize), atol=1e-4)
+
+
+def test_answer_tokens_end_with_eos_and_labels_mask_prompt():
+    ranker = tiny_ranker()
+    batch = ranker.collate([Sample(0, (1, 2), 3), Sample(0, (1,), 2)])
+    eos = ranker.tok.eos_token_id
+    for row, labels in zip(batch["input_ids"], batch["labels"]):
+        kept = labels[labels != -100].tolist()
+        assert kept[-1] == eos and row[-len(kept):].tolist() == kept
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_training_step_changes_only_lora_and_lowers_nll():
+    ranker = tiny_ranker(nonzero_b=False)
+    lora_ops.set_trainable(ranker.model)
+    before = {n: p.detach().clone() for n, p in ranker.model.named_parameters()}
+    samples = [Sample(0, (1, 2, 3), 4)] * 8
+    batch = ranker.collate(samples)
+    nll_before = torch.nn.functional.cross_entropy(**_ce(ranker, batch)).item()
+    trainer = L.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(ranker, DataLoader(samples, batch_size=8, collate_fn=ranker.collate))
+    nll_after = torch.nn.functional.cross_entropy(**_ce(ranker, batch)).item()
+    assert nll_after < nll_before - 0.5
+    changed = {n for n, p in ranker.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def _ce(ranker, batch):
+    with torch.no_grad():
+        out = ranker.answer_logits(batch)
+    return {"input": out["logits"], "target": out["targets"]}
+
+
+def test_set_trainable_layers_only():
+    ranker = tiny_ranker()
+    n = lora_ops.set_trainable(ranker.model, layers={1, 3})
+    train = [name for name, p in ranker.model.named_parameters() if p.requires_grad]
+    assert train and all(lora_ops.layer_of(x) in {1, 3} and "lora_" in x for x in train)
+    assert n == sum(p.numel() for p in ranker.model.parameters() if p.requires_grad)
+    assert {lora_ops.layer_of(x) for x in train} == {1, 3}
+
+
+def test_swapped_lora_restores_weights():
+    ranker = tiny_ranker()
+    anchor = {k: torch.zeros_like(v) for k, v in lora_ops.snapshot(ranker.model).items()}
+    before = lora_ops.snapshot(ranker.model)
+    samples, cands = [Sample(0, (1, 2), 3)], np.array([[3, 4, 5]])
+    with lora_ops.swapped_lora(ranker.model, anchor):
+        inside = ranker.score_candidates(samples, cands)
+        with ranker.model.disable_adapter():
+            plain = ranker.score_candidates(samples, cands)
+    np.testing.assert_allclose(inside, plain, atol=1e-5)  # zero LoRA == no adapter
+    assert all(torch.equal(before[k], v) for k, v in lora_ops.snapshot(ranker.model).items())
+
+
+def test_layer_states_shapes_and_mean_pooling_ignores_padding():
+    ranker = tiny_ranker()
+    alone = ranker.layer_states([(1, 2)], pooling="mean")
+    with_long = ranker.layer_states([(1, 2), tuple(range(1, 12))], pooling="mean")
+    assert alone.shape == (4, 1, 32) and with_long.shape == (4, 2, 32)
+    torch.testing.assert_close(alone[:, 0], with_long[:, 0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_and_scores(monkeypatch):
+    """The pretrained offline backbone: loads with no network, and prefers the obvious continuation."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = OmegaConf.load(REPO / "recsim/conf/backbone/smollm2_135m.yaml")
+    model = lora_ops.add_lora(load_base_model(cfg, CACHE), cfg.lora)
+    titles = ["<pad>", "Harry Potter and the Philosopher's Stone", "Harry Potter and the Chamber of Secrets",
+              "Harry Potter and the Prisoner of Azkaban", "Stainless Steel Garden Hose Nozzle", "Car Battery Charger"]
+    scoring = OmegaConf.create({"normalize": "mean", "max_title_words": None, "max_answer_tokens": 32})
+    ranker = LLMRanker(model, load_tokenizer(cfg, CACHE), titles, PROMPT, scoring, OPTIM)
+    scores = ranker.score_candidates([Sample(0, (1, 2), 3)], np.array([[3, 4, 5]]))
+    assert np.isfinite(scores).all()
+    assert scores[0, 0] > scores[0, 1] and scores[0, 0] > scores[0, 2]
