@@ -1,0 +1,369 @@
+"""Readers: each supported source turned into the raw canonical tables (see :mod:`recsim.data.schema`).
+
+A reader only parses; it never filters. Titles are returned exactly as the source has them (HTML entities
+and all), duplicates and sparse users are kept; :func:`recsim.data.preprocess.preprocess` does the cleaning.
+Interaction rows keep the file's order, because that order is the tie-break among equal timestamps
+(Amazon review times are whole days, so ties are common).
+
+For the JSON sources the items table has one row per item that occurs in the interactions, in the order
+of first occurrence there (the full metadata files list many more items, which are not kept). An
+interacted item absent from the metadata gets an empty title (preprocessing then treats it as untitled)
+rather than being an error: the 2014 and 2018 metadata files are known to miss a few items. The staged
+items file is taken as it is (it lists exactly the interacted items).
+
+Metadata columns are normalised across sources so that cached tables look alike:
+``title`` / ``brand`` str ("" when missing), ``categories`` list[str] (flattened, duplicates removed,
+first-seen order), ``price`` float (NaN when missing or not a single number), and for 2014 sources
+``sales_rank`` float / ``sales_type`` str (the first entry of ``salesRank``).
+
+Every problem with a file raises :class:`DataFileError` whose message names the file, the line and field
+where that applies, the directory recsim looked in and where the public original can be downloaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from recsim.data.schema import DataFileError, InteractionData
+
+URL_2014 = "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html"
+URL_2018 = "https://nijianmo.github.io/amazon/index.html"
+STAGED_HINT = (
+    "build with ../shared/data/build_amazon2014.py or use dataset.reader=mcauley2014 with the raw files"
+)
+
+REVIEW_FIELDS = ("reviewerID", "asin", "unixReviewTime")  # `overall` is optional: rating NaN without it
+
+# Errors that mean "this gzip file is cut short or is not gzip at all".
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+# Errors that ast.literal_eval / json.loads raise on a bad line.
+_PARSE_ERRORS = (ValueError, SyntaxError, TypeError, RecursionError, MemoryError)
+# Finding a metadata line's asin without parsing it lets us skip unreviewed items cheaply (the metadata
+# files cover whole categories, several times the 5-core). 2014 lines start with their asin; in 2018 lines
+# it comes later, but in strict JSON `"asin": "` cannot occur inside a string value (quotes are escaped).
+_ASIN_2014 = re.compile(r"""^\s*\{\s*['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
+_ASIN_2018 = re.compile(r'"asin":\s*"([^"\\]+)"')
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def staged_files(data_dir: str | Path, folder: str) -> list[Path]:
+    directory = Path(data_dir) / folder
+    return [directory / "interactions.csv.gz", directory / "items.csv.gz"]
+
+
+def mcauley2014_files(data_dir: str | Path, category: str) -> list[Path]:
+    directory = Path(data_dir)
+    return [directory / f"reviews_{category}_5.json.gz", directory / f"meta_{category}.json.gz"]
+
+
+def amazon2018_files(data_dir: str | Path, category: str) -> list[Path]:
+    directory = Path(data_dir)
+    return [directory / f"{category}_5.json.gz", directory / f"meta_{category}.json.gz"]
+
+
+def _origin_2014(category: str) -> str:
+    return f"download reviews_{category}_5.json.gz and meta_{category}.json.gz from {URL_2014}"
+
+
+def _origin_2018(category: str) -> str:
+    return f"download {category}_5.json.gz and meta_{category}.json.gz from {URL_2018}"
+
+
+def _error(
+    path: Path, problem: str, origin: str, line: int | None = None, field: str | None = None
+) -> DataFileError:
+    """Build the one message format every reader uses: what, where in the file, where it was looked for, fix."""
+    where = f" at line {line}" if line is not None else ""
+    what = f" (field {field!r})" if field is not None else ""
+    directory = str(path.parent)
+    if not path.parent.is_absolute():
+        directory += f" (= {path.parent.absolute()})"
+    return DataFileError(
+        f"{path}: {problem}{where}{what}. recsim expected this file in {directory}, under the data directory "
+        f"set by dataset.data_dir (default: env RECSIM_DATA, else ./data). To get it: {origin}."
+    )
+
+
+# ---------------------------------------------------------------------------------------- line parsing
+
+
+def _iter_records(
+    path: Path, origin: str, parse: Callable[[str], object], skip: Callable[[str], bool] | None = None
+) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each non-blank line of a gzip JSON-lines file.
+
+    `skip(line)` lets a caller pass over lines it will not use without parsing them (metadata of
+    items that have no review); such lines are not checked for syntax.
+    """
+    if not path.is_file():
+        raise _error(path, "file not found", origin)
+    lineno = 0
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip() or (skip is not None and skip(line)):
+                    continue
+                try:
+                    record = parse(line)
+                except _PARSE_ERRORS as exc:
+                    raise _error(path, f"unparseable line ({type(exc).__name__}: {exc})", origin, lineno)
+                if not isinstance(record, dict):
+                    raise _error(path, "line is not a JSON object / dict", origin, lineno)
+                yield lineno, record
+    except _GZIP_ERRORS as exc:
+        raise _error(path, f"truncated or corrupt gzip file, read up to line {lineno} ({exc})", origin)
+    except UnicodeDecodeError as exc:
+        raise _error(path, f"not UTF-8 text after line {lineno} ({exc})", origin)
+
+
+def _parse_python_literal(line: str) -> object:
+    """McAuley 2014 metadata lines are Python dict literals (single quotes), not JSON; fall back to JSON."""
+    try:
+        return ast.literal_eval(line)
+    except _PARSE_ERRORS as first:
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise first from None
+
+
+def _read_reviews(path: Path, origin: str) -> pd.DataFrame:
+    """Reviews JSON lines (same fields in 2014 and 2018) -> interactions table in file order."""
+    users, items, stamps, ratings = [], [], [], []
+    for lineno, record in _iter_records(path, origin, json.loads):
+        for name in REVIEW_FIELDS:
+            if record.get(name) in (None, ""):
+                raise _error(path, "missing required field", origin, lineno, name)
+        try:
+            stamp = int(record["unixReviewTime"])
+        except (TypeError, ValueError):
+            raise _error(path, "unixReviewTime is not an integer", origin, lineno, "unixReviewTime")
+        try:
+            rating = float(record["overall"]) if record.get("overall") is not None else math.nan
+        except (TypeError, ValueError):
+            raise _error(path, "overall is not a number", origin, lineno, "overall")
+        users.append(str(record["reviewerID"]))
+        items.append(str(record["asin"]))
+        stamps.append(stamp)
+        ratings.append(rating)
+    return pd.DataFrame(
+        {
+            "user_id": pd.Series(users, dtype="str"),
+            "item_id": pd.Series(items, dtype="str"),
+            "timestamp": np.asarray(stamps, dtype=np.int64),
+            "rating": np.asarray(ratings, dtype=np.float64),
+        }
+    )
+
+
+def _read_meta(
+    path: Path, origin: str, parse: Callable[[str], object], wanted: set[str], asin_pattern: re.Pattern
+) -> dict[str, dict]:
+    """asin -> first metadata record, for the asins in `wanted` only (later duplicates are ignored).
+
+    Lines whose asin (found by `asin_pattern`) is not wanted are skipped without parsing, so a malformed
+    line of an unreviewed item goes unreported; lines where the pattern finds nothing are parsed.
+    """
+
+    def skip(line: str) -> bool:
+        match = asin_pattern.search(line)
+        return match is not None and match.group(1) not in wanted
+
+    found: dict[str, dict] = {}
+    for lineno, record in _iter_records(path, origin, parse, skip):
+        asin = record.get("asin")
+        if asin in (None, ""):
+            raise _error(path, "missing required field", origin, lineno, "asin")
+        asin = str(asin)
+        if asin in wanted and asin not in found:
+            found[asin] = record
+    return found
+
+
+# ------------------------------------------------------------------------------------- field cleaning
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _flatten(value: object) -> list[str]:
+    """Category paths -> one list: 2014 has a list of lists, 2018 a flat list; duplicates go, order stays."""
+    names: list = []
+    for entry in value if isinstance(value, (list, tuple)) else []:
+        names.extend(entry if isinstance(entry, (list, tuple)) else [entry])
+    return list(dict.fromkeys(name for name in names if isinstance(name, str) and name))
+
+
+def _price(value: object) -> float:
+    """2014 prices are numbers; 2018 prices are strings like "$12.99" (ranges and junk -> NaN)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lstrip("$").replace(",", "")
+        try:
+            return float(text)
+        except ValueError:
+            return math.nan
+    return math.nan
+
+
+def _item_order(interactions: pd.DataFrame) -> list[str]:
+    return pd.unique(interactions["item_id"]).tolist()
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+
+def read_mcauley2014(data_dir: str | Path, category: str) -> InteractionData:
+    """McAuley 2014 5-core: ``reviews_<Cat>_5.json.gz`` + ``meta_<Cat>.json.gz`` (Python-literal lines)."""
+    reviews_path, meta_path = mcauley2014_files(data_dir, category)
+    origin = _origin_2014(category)
+    interactions = _read_reviews(reviews_path, origin)
+    order = _item_order(interactions)
+    meta = _read_meta(meta_path, origin, _parse_python_literal, set(order), _ASIN_2014)
+    rows = []
+    for asin in order:
+        record = meta.get(asin, {})
+        rank = record.get("salesRank")
+        rank_type, rank_value = next(iter(rank.items())) if isinstance(rank, dict) and rank else ("", math.nan)
+        rows.append(
+            {
+                "item_id": asin,
+                "title": _text(record.get("title")),
+                "brand": _text(record.get("brand")),
+                "categories": _flatten(record.get("categories")),
+                "price": _price(record.get("price")),
+                "sales_rank": _price(rank_value),
+                "sales_type": _text(rank_type),
+            }
+        )
+    items = _items_frame(rows, ["item_id", "title", "brand", "categories", "price", "sales_rank", "sales_type"])
+    return InteractionData(
+        name=f"mcauley2014-{category}",
+        interactions=interactions,
+        items=items,
+        meta={"reader": "mcauley2014", "category": category, "items_without_meta": len(order) - len(meta)},
+    )
+
+
+def read_amazon2018(data_dir: str | Path, category: str) -> InteractionData:
+    """Amazon 2018 (Ni et al.) 5-core: ``<Cat>_5.json.gz`` + ``meta_<Cat>.json.gz`` (strict JSON lines).
+
+    The 2018 metadata repeats some asins; the first line wins. Its ``category`` list becomes ``categories``.
+    """
+    reviews_path, meta_path = amazon2018_files(data_dir, category)
+    origin = _origin_2018(category)
+    interactions = _read_reviews(reviews_path, origin)
+    order = _item_order(interactions)
+    meta = _read_meta(meta_path, origin, json.loads, set(order), _ASIN_2018)
+    rows = []
+    for asin in order:
+        record = meta.get(asin, {})
+        rows.append(
+            {
+                "item_id": asin,
+                "title": _text(record.get("title")),
+                "brand": _text(record.get("brand")),
+                "categories": _flatten(record.get("category")),
+                "price": _price(record.get("price")),
+            }
+        )
+    items = _items_frame(rows, ["item_id", "title", "brand", "categories", "price"])
+    return InteractionData(
+        name=f"amazon2018-{category}",
+        interactions=interactions,
+        items=items,
+        meta={"reader": "amazon2018", "category": category, "items_without_meta": len(order) - len(meta)},
+    )
+
+
+def _items_frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=columns)
+    for column in ("item_id", "title", "brand", "sales_type"):
+        if column in frame:
+            frame[column] = frame[column].astype("str")
+    for column in ("price", "sales_rank"):
+        if column in frame:
+            frame[column] = frame[column].astype(np.float64)
+    return frame
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """All columns as str, empty cells as "" (so ids such as 0439893577 keep their leading zero)."""
+    if not path.is_file():
+        raise _error(path, "file not found", STAGED_HINT)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, compression="gzip")
+    except _GZIP_ERRORS as exc:
+        raise _error(path, f"truncated or corrupt gzip file ({exc})", STAGED_HINT)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise _error(path, f"malformed CSV ({exc})", STAGED_HINT)
+    for name in required:
+        if name not in frame.columns:
+            raise _error(path, f"header lacks a column (has {list(frame.columns)})", STAGED_HINT, 1, name)
+        empty = np.flatnonzero(frame[name].to_numpy() == "")
+        if name != "title" and len(empty):
+            # +2: line 1 is the header and rows count from 0 (staged files have no quoted newlines)
+            raise _error(path, "empty value", STAGED_HINT, int(empty[0]) + 2, name)
+    return frame
+
+
+def _literal_list(text: str) -> list[str]:
+    """Staged categories are the inside of a Python list (``'Beauty', 'Makeup'``); parse back to a list."""
+    if not text:
+        return []
+    try:
+        return _flatten(ast.literal_eval(f"[{text}]"))
+    except _PARSE_ERRORS:
+        return [text]
+
+
+def read_amazon2014_staged(data_dir: str | Path, folder: str) -> InteractionData:
+    """The staged 2014 5-core copies: ``<data_dir>/<folder>/interactions.csv.gz`` and ``items.csv.gz``.
+
+    The interactions file has no ratings, so ``rating`` is NaN. Its row order (P5 order, chronological
+    within a user) is kept as the tie-break order. Extra item columns are kept (Beauty has brand,
+    categories, price, sales rank; Toys only titles).
+    """
+    inter_path, items_path = staged_files(data_dir, folder)
+    inter = _read_csv(inter_path, ("user_id", "item_id", "timestamp"))
+    stamps = pd.to_numeric(inter["timestamp"], errors="coerce")
+    bad = np.flatnonzero((stamps.isna() | (stamps != stamps.round())).to_numpy())
+    if len(bad):
+        raise _error(inter_path, "timestamp is not an integer", STAGED_HINT, int(bad[0]) + 2, "timestamp")
+    interactions = pd.DataFrame(
+        {
+            "user_id": inter["user_id"].astype("str"),
+            "item_id": inter["item_id"].astype("str"),
+            "timestamp": stamps.astype(np.int64),
+            "rating": np.full(len(inter), np.nan, dtype=np.float64),
+        }
+    )
+    items = _read_csv(items_path, ("item_id", "title"))
+    items = items.drop_duplicates("item_id", keep="first").reset_index(drop=True)
+    if "categories" in items:
+        items["categories"] = items["categories"].map(_literal_list).astype(object)
+    for column in ("price", "sales_rank"):
+        if column in items:
+            items[column] = pd.to_numeric(items[column], errors="coerce").astype(np.float64)
+    missing = sorted(set(interactions["item_id"]) - set(items["item_id"]))
+    if missing:
+        raise _error(
+            items_path, f"{len(missing)} interacted items have no row, e.g. {missing[:3]}", STAGED_HINT, None, "item_id"
+        )
+    return InteractionData(
+        name=folder, interactions=interactions, items=items, meta={"reader": "amazon2014_staged", "folder": folder}
+    )
