@@ -1,0 +1,243 @@
+"""The parquet cache and load_dataset: hits skip the readers, damaged entries are rebuilt, keys move
+with settings and source files; plus the dataset/paths config files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from recsim.data.cache import DATA_FORMAT_VERSION, cache_key, load_or_build
+from recsim.data.load import READERS, Reader, default_data_dir, load_dataset
+from recsim.data.schema import InteractionData
+from recsim.data.synthetic import simulate
+
+RAW = Path(__file__).parent / "fixtures" / "raw"
+CONF = Path(__file__).parents[1] / "recsim" / "conf"
+
+
+def tiny_cfg(data_dir: Path, **overrides) -> dict:
+    cfg = {
+        "name": "tiny",
+        "reader": "mcauley2014",
+        "data_dir": str(data_dir),
+        "folder": None,
+        "category": "Tiny",
+        "k_core": 2,
+        "drop_untitled": True,
+        "max_title_words": None,
+        "sample_users": None,
+        "sample_seed": 0,
+    }
+    return {**cfg, **overrides}
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Wrap the mcauley2014 reader so tests can see whether the sources were read."""
+    calls = []
+    original = READERS["mcauley2014"]
+
+    def read(cfg):
+        calls.append(cfg["category"])
+        return original.read(cfg)
+
+    monkeypatch.setitem(READERS, "mcauley2014", Reader(read=read, sources=original.sources, args=original.args))
+    return calls
+
+
+def entries(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.iterdir())
+
+
+def test_second_load_skips_the_reader(tmp_path, counting):
+    cache = tmp_path / "cache"
+    first = load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=cache)
+    second = load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=cache)
+    assert counting == ["Tiny"]  # read once
+    assert (first.meta["cache_hit"], second.meta["cache_hit"]) == (False, True)
+    for table in ("interactions", "items"):
+        pd.testing.assert_frame_equal(getattr(first, table), getattr(second, table))
+    assert second.stats() == first.stats()
+    assert (first.stats()["users"], first.stats()["items"], first.stats()["interactions"]) == (4, 4, 10)
+    (entry,) = entries(cache)  # no temp dirs left behind
+    assert entry.name.startswith("tiny-")
+    stats = json.loads((entry / "stats.json").read_text())
+    assert {k: stats[k] for k in ("users", "items", "interactions", "timestamp_min", "timestamp_max")} == {
+        "users": 4, "items": 4, "interactions": 10, "timestamp_min": 90, "timestamp_max": 500
+    }
+    assert second.items.set_index("item_id").at["ITEM_A", "categories"] == ["Beauty", "Lips", "Gifts"]
+
+
+def test_settings_and_source_changes_give_new_entries(tmp_path, counting):
+    cache, data_dir = tmp_path / "cache", tmp_path / "raw"
+    shutil.copytree(RAW / "mcauley2014", data_dir)
+    load_dataset(tiny_cfg(data_dir), cache_dir=cache)
+    changed = load_dataset(tiny_cfg(data_dir, drop_untitled=False), cache_dir=cache)
+    assert changed.stats()["interactions"] == 13
+    assert len(entries(cache)) == 2 and len(counting) == 2
+    reviews = data_dir / "reviews_Tiny_5.json.gz"
+    info = reviews.stat()
+    os.utime(reviews, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))  # "edited" source
+    load_dataset(tiny_cfg(data_dir), cache_dir=cache)
+    assert len(entries(cache)) == 3 and len(counting) == 3
+    load_dataset(tiny_cfg(data_dir, sample_users=2, sample_seed=5), cache_dir=cache)  # sampling is after the cache
+    assert len(entries(cache)) == 3 and len(counting) == 3
+
+
+def test_cache_key_covers_format_version(monkeypatch):
+    key = cache_key("r", {"k_core": 5}, [])
+    monkeypatch.setattr("recsim.data.cache.DATA_FORMAT_VERSION", DATA_FORMAT_VERSION + 1)
+    assert cache_key("r", {"k_core": 5}, []) != key
+
+
+def test_mismatched_stats_rebuild_with_warning(tmp_path, counting):
+    cache = tmp_path / "cache"
+    load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=cache)
+    (entry,) = entries(cache)
+    stats = json.loads((entry / "stats.json").read_text())
+    (entry / "stats.json").write_text(json.dumps({**stats, "interactions": 11}))
+    with pytest.warns(UserWarning, match="does not match its stats.json"):
+        data = load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=cache)
+    assert data.stats()["interactions"] == 10 and len(counting) == 2
+    assert json.loads((entry / "stats.json").read_text())["interactions"] == 10  # rewritten
+    load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=cache)
+    assert len(counting) == 2  # trusted again
+    assert entries(cache) == [entry]
+
+
+def test_unreadable_parquet_rebuilds_with_warning(tmp_path, counting):
+    cache = tmp_path / "cache"
+    load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=cache)
+    (entry,) = entries(cache)
+    table = entry / "interactions.parquet"
+    table.write_bytes(table.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="unreadable"):
+        data = load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=cache)
+    assert data.stats()["interactions"] == 10 and len(counting) == 2
+
+
+def test_synthetic_round_trip_keeps_types(tmp_path):
+    built = []
+
+    def build() -> InteractionData:
+        built.append(1)
+        return simulate(60, 48, 6, 2, 0.5, 0.7, 0.6, 5, 10, seed=1)
+
+    first = load_or_build(tmp_path, "syn", "synthetic", {"seed": 1}, [], build)
+    second = load_or_build(tmp_path, "syn", "synthetic", {"seed": 1}, [], build)
+    assert built == [1]
+    for table in ("interactions", "items", "ground_truth"):
+        pd.testing.assert_frame_equal(getattr(first, table), getattr(second, table))
+    assert isinstance(second.ground_truth.at[0, "old_interests"], list)
+    assert second.meta["drift_timestamp"] == first.meta["drift_timestamp"]
+
+
+def test_no_cache_dir_means_no_cache(tmp_path, counting):
+    load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=None)
+    load_dataset(tiny_cfg(RAW / "mcauley2014"), cache_dir=None)
+    assert len(counting) == 2
+
+
+def test_unknown_reader_lists_valid_ones():
+    with pytest.raises(ValueError, match="amazon2014_staged, amazon2018, mcauley2014, synthetic"):
+        load_dataset({"name": "x", "reader": "movielens"})
+
+
+def test_emptied_dataset_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no interactions left after preprocessing"):
+        load_dataset(tiny_cfg(RAW / "mcauley2014", k_core=3), cache_dir=tmp_path)
+
+
+def test_missing_source_through_load_dataset(tmp_path):
+    from recsim.data.schema import DataFileError
+
+    with pytest.raises(DataFileError, match="reviews_Tiny_5.json.gz: file not found"):
+        load_dataset(tiny_cfg(tmp_path / "nowhere"), cache_dir=tmp_path / "cache")
+
+
+def test_sampling_after_cache(tmp_path):
+    data = load_dataset(tiny_cfg(RAW / "mcauley2014", sample_users=2, sample_seed=3), cache_dir=tmp_path)
+    assert data.interactions["user_id"].nunique() == 2
+    (entry,) = entries(tmp_path)
+    assert json.loads((entry / "stats.json").read_text())["users"] == 4  # the cache holds all users
+
+
+def test_default_data_dir(monkeypatch):
+    monkeypatch.delenv("RECSIM_DATA", raising=False)
+    assert default_data_dir() == "data"
+    monkeypatch.setenv("RECSIM_DATA", "/somewhere/else")
+    assert default_data_dir() == "/somewhere/else"
+
+
+# ------------------------------------------------------------------------------------ config files
+
+DATASET_FILES = sorted((CONF / "dataset").glob("*.yaml"))
+KEYS = {"name", "reader", "data_dir", "folder", "category", "k_core", "drop_untitled", "max_title_words",
+        "sample_users", "sample_seed"}
+
+
+def compose(dataset_file: Path) -> OmegaConf:
+    return OmegaConf.create(
+        {"seed": 11, "paths": OmegaConf.load(CONF / "paths" / "default.yaml"), "dataset": OmegaConf.load(dataset_file)}
+    )
+
+
+def test_every_dataset_config_is_complete():
+    names = {p.stem for p in DATASET_FILES}
+    assert names >= {"beauty", "toys", "books", "cds", "games", "instruments", "movies_tv", "synthetic"}
+    for path in DATASET_FILES:
+        raw = OmegaConf.load(path)
+        assert KEYS <= set(raw.keys()), path
+        assert raw._get_node("data_dir")._value() == "${paths.data_dir}"
+        assert raw._get_node("sample_seed")._value() == "${seed}"
+        assert (raw.sample_users, raw.k_core, raw.drop_untitled, raw.max_title_words) == (None, 5, True, None)
+        assert raw.reader in READERS, path
+    categories = {p.stem: OmegaConf.load(p).category for p in DATASET_FILES}
+    assert categories["toys"] == "Toys_and_Games" and categories["games"] == "Video_Games"
+    assert categories["movies_tv"] == "Movies_and_TV" and categories["cds"] == "CDs_and_Vinyl"
+
+
+def test_paths_config_reads_env(monkeypatch):
+    monkeypatch.setenv("RECSIM_DATA", "/d")
+    monkeypatch.setenv("RECSIM_CACHE", "/c")
+    cfg = compose(CONF / "dataset" / "books.yaml")
+    assert (cfg.dataset.data_dir, cfg.paths.cache_dir, cfg.dataset.sample_seed) == ("/d", "/c", 11)
+    monkeypatch.delenv("RECSIM_DATA")
+    monkeypatch.delenv("RECSIM_CACHE")
+    assert (cfg.dataset.data_dir, cfg.paths.cache_dir) == ("data", ".cache/recsim")
+
+
+def test_synthetic_config_loads_through_the_cache(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="recsim.data.load")
+    cfg = compose(CONF / "dataset" / "synthetic.yaml")
+    first = load_dataset(cfg.dataset, cache_dir=tmp_path)
+    second = load_dataset(cfg.dataset, cache_dir=tmp_path)
+    assert second.meta["cache_hit"] and first.stats() == second.stats()
+    assert first.stats()["users"] == 200 and first.ground_truth is not None
+    assert first.meta["drift_timestamp"] == simulate(**OmegaConf.to_container(cfg.dataset.simulator, resolve=True)).meta[
+        "drift_timestamp"
+    ]
+    assert "synthetic: processed 200 users, 120 items" in caplog.text  # stats are logged
+
+
+@pytest.mark.parametrize("option", [p.stem for p in DATASET_FILES])
+def test_dataset_option_composes_with_the_root_config(option, monkeypatch):
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setenv("RECSIM_DATA", "/staged")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="recsim.conf", version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=[f"dataset={option}", "seed=9"])
+    finally:
+        GlobalHydra.instance().clear()
+    assert cfg.dataset.name == option
+    assert (cfg.dataset.data_dir, cfg.dataset.sample_seed) == ("/staged", 9)
