@@ -112,8 +112,9 @@ def evaluate_stage(cfg, protocol, rec, stage) -> list[dict]:
             ranks["candidates"][group] = ranks_from_scores(np.concatenate(scores))
             if rec.can_rank_all and cfg.eval.full_ranking:
                 full = rec.score_all(samples)
-                # full ranking masks the items the user has already interacted with (the visible history)
-                ranks["full"][group] = ranks_full(full, np.array([s.target for s in samples]), [s.history for s in samples])
+                # full ranking masks everything the user interacted with before the target, not only the window
+                before = [protocol.data.sequences[s.user][: s.position] for s in samples]
+                ranks["full"][group] = ranks_full(full, np.array([s.target for s in samples]), before)
         for mode, by_group in ranks.items():
             if not by_group:
                 continue
@@ -202,8 +203,9 @@ def run(cfg: DictConfig) -> Path:
     results = pd.concat(all_rows, ignore_index=True)
     ordered = [c for c in RESULT_COLUMNS if c in results.columns] + [c for c in results.columns if c not in RESULT_COLUMNS]
     results = results[ordered]
+    summary, continual_rows = continual_report(results, protocol, cfg, base_cols)
+    results = pd.concat([results, pd.DataFrame(continual_rows)], ignore_index=True) if continual_rows else results
     write_csv(out / "results.csv", results)
-    summary = continual_report(results, protocol, cfg)
     split_of = {s.index: s.eval_split for s in protocol.stages}
     markdown = render_run_markdown(results, cfg, split_of) + "\n" + summary
     write_text(out / "results.md", markdown)
@@ -212,11 +214,15 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-def continual_report(results: pd.DataFrame, protocol, cfg) -> str:
-    """R[i, j] for the configured metric on all users, with forgetting and transfer figures."""
+def continual_report(results: pd.DataFrame, protocol, cfg, base_cols: dict) -> tuple[str, list[dict]]:
+    """R[i, j] for the configured metric on all users, with forgetting and transfer figures.
+
+    The figures also come back as result rows (group "all", split "R", stage = last) so that
+    `recsim.tables` averages them over seeds like any metric.
+    """
     metric = cfg.eval.r_metric
     split_of = [s.eval_split for s in protocol.stages]
-    lines = []
+    lines, rows = [], []
     matrices = {}
     for mode in [m for m in results["eval_mode"].unique() if m != "-"]:
         sel = results[(results.metric == metric) & (results.group == "all") & (results.eval_mode == mode)]
@@ -231,11 +237,16 @@ def continual_report(results: pd.DataFrame, protocol, cfg) -> str:
         cols = [f"{s.name}:{s.eval_split}" for s in protocol.stages]
         summary = continual_summary(R)
         matrices[mode] = {"metric": metric, "R": R.tolist(), "rows": labels, "cols": cols, **summary}
+        last = protocol.stages[-1]
+        rows += [{**base_cols, "eval_mode": mode, "candidates": sel.candidates.iloc[0] if len(sel) else "-",
+                  "stage": last.index, "stage_name": last.name, "split": "R", "group": "all",
+                  "metric": f"{name}({metric})", "value": value}
+                 for name, value in summary.items() if isinstance(value, float)]
         lines += [f"### R[i, j] ({metric}, all users, {mode}): model after stage i on stage j's split", "",
                   matrix_to_markdown(R, labels, cols), "",
                   ", ".join(f"{k} = {v:.4f}" for k, v in summary.items() if isinstance(v, float)), ""]
     write_json(Path(cfg.paths.output_dir) / "r_matrix.json", matrices)
-    return "\n".join(lines)
+    return "\n".join(lines), rows
 
 
 def render_run_markdown(results: pd.DataFrame, cfg, split_of: dict[int, str]) -> str:

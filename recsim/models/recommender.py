@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from recsim.backbones import lora as lora_ops
 from recsim.backbones.llm import load_base_model, load_tokenizer, weights_hash
@@ -120,7 +121,7 @@ class SequentialRecommender:
 
     def schedule(self, stage_index: int):
         bb = self.cfg.backbone
-        return {"lr": bb.lr, "epochs": bb.epochs, "max_steps": -1}, bb.batch_size
+        return OmegaConf.create({"lr": bb.lr, "epochs": bb.epochs, "max_steps": None}), bb.batch_size
 
     def collate(self, samples):
         return self._collate(samples, self.cfg.backbone.max_len)

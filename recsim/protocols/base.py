@@ -21,6 +21,7 @@ class Sample:
     user: int
     history: tuple[int, ...]  # item ids, oldest first, at most `window` long
     target: int
+    position: int = -1  # index of the target in the user's full sequence (-1: unknown)
 
 
 @dataclass
@@ -121,5 +122,5 @@ def make_samples(
         for p in targets.get(u, ()):
             if p <= 0:
                 continue  # nothing to condition on
-            out.append(Sample(u, tuple(int(i) for i in seq[max(0, p - window) : p]), int(seq[p])))
+            out.append(Sample(u, tuple(int(i) for i in seq[max(0, p - window) : p]), int(seq[p]), p))
     return out

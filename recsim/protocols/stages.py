@@ -38,7 +38,7 @@ def build_stages(data: EncodedData, first_share: float, window_shares: list[floa
             p = int(inside[-1])
             held[u].add(p)
             group = "U_A" if np.any(win == k - 1) else "U_I"
-            split_samples[k][group].append(Sample(u, tuple(int(i) for i in seq[max(0, p - window) : p]), int(seq[p])))
+            split_samples[k][group].append(Sample(u, tuple(int(i) for i in seq[max(0, p - window) : p]), int(seq[p]), p))
 
     stages = []
     for t in range(n_windows - 1):

@@ -43,7 +43,7 @@ def build_two_period(data: EncodedData, t_quantiles: list[float], window: int) -
                 continue  # the user has not arrived yet
             held[u].add(p)
             if p > 0:  # a first-ever interaction has no history to predict it from
-                split_samples[r][group].append(Sample(u, tuple(int(i) for i in seq[max(0, p - window) : p]), int(seq[p])))
+                split_samples[r][group].append(Sample(u, tuple(int(i) for i in seq[max(0, p - window) : p]), int(seq[p]), p))
 
     stages = []
     for r in range(rounds + 1):
