@@ -8,8 +8,11 @@ the same command on the same output dir resumes after the last finished stage. S
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from recsim import __version__
 from recsim.data.load import load_dataset
 from recsim.eval.continual import continual_summary, matrix_to_markdown
 from recsim.eval.metrics import ranks_from_scores, ranks_full, summarise
@@ -142,6 +146,24 @@ def _swept_columns() -> dict:
     return cols
 
 
+def _shared_base_dir(cfg, method) -> Path | None:
+    """Where stage 0 of this config is kept for every method that shares it (None: not shared).
+
+    Stage 0 trains the initial model; it depends on the data, backbone, recipe, protocol, stage-0
+    schedule, evaluation settings and seed, never on the update method. Sweeping methods then trains
+    and scores it once. The key is a hash of exactly those settings.
+    """
+    if not (cfg.reuse_base_stage and method.shares_base_stage):
+        return None
+    t = cfg.trainer
+    plain = lambda node: OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    keyed = {k: plain(cfg[k]) for k in ("dataset", "backbone", "recipe", "stage", "eval", "seed")}
+    keyed["trainer"] = {k: plain(t[k]) for k in ("base", "batch_size", "max_train_samples", "precision", "gradient_clip_val")}
+    keyed["recsim"] = __version__
+    text = json.dumps(keyed, sort_keys=True)
+    return Path(cfg.paths.cache_dir) / "base_stage" / hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def run(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,23 +195,40 @@ def run(cfg: DictConfig) -> Path:
                  "recipe": cfg.recipe.name, "protocol": cfg.stage.name, "seed": cfg.seed, **_swept_columns()}
 
     all_rows = []
+    last_quality = None  # the latest stage's quality rows: reused when a stage leaves the model untouched
     for stage in protocol.stages:
         stage_dir = out / "stages" / f"{stage.index:02d}_{stage.name}"
+        shared = _shared_base_dir(cfg, method) if stage.index == 0 else None
+        if not (stage_dir / "DONE").exists() and shared and (shared / "DONE").exists():
+            log.info("stage 0 is shared by every method of this config: reusing %s", shared)
+            tmp = stage_dir.with_name(stage_dir.name + f".tmp{os.getpid()}")
+            shutil.copytree(shared, tmp, dirs_exist_ok=True)
+            frame = pd.read_csv(tmp / "results.csv")
+            frame = frame.drop(columns=[c for c in frame.columns if c.startswith("cfg.")]).assign(**base_cols)
+            write_csv(tmp / "results.csv", frame)
+            publish_dir(tmp, stage_dir)
         if (stage_dir / "DONE").exists():
             log.info("stage %s already finished: loading it", stage.name)
             rec.load(stage_dir)
             method.load_state_dict(torch.load(stage_dir / "method.pt", weights_only=False))
-            all_rows.append(pd.read_csv(stage_dir / "results.csv"))
+            frame = pd.read_csv(stage_dir / "results.csv")
+            all_rows.append(frame)
+            last_quality = frame[frame.eval_mode != "-"]
             continue
         L.seed_everything(_stage_seed(cfg.seed, stage.index), workers=True)
         samples = method.training_samples(stage, rec)
         eff = fit_stage(cfg, stage, rec, method, samples, out)
-        rows = evaluate_stage(cfg, protocol, rec, stage)
-        for key in ("train_samples", "trainable_params", "changed_params", "update_seconds", "peak_mem_mb"):
-            if key in eff:
-                rows.append({"eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
-                             "split": "-", "group": "-", "metric": key, "value": float(eff[key])})
-        frame = pd.DataFrame([{**base_cols, **r} for r in rows])
+        if eff["train_samples"] == 0 and last_quality is not None:
+            # no update ran, so the model is bit-for-bit the previous stage's: its scores are too
+            quality = last_quality.assign(stage=stage.index, stage_name=stage.name)
+        else:
+            quality = pd.DataFrame([{**base_cols, **r} for r in evaluate_stage(cfg, protocol, rec, stage)])
+        cost = [{**base_cols, "eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
+                 "split": "-", "group": "-", "metric": key, "value": float(eff[key])}
+                for key in ("train_samples", "trainable_params", "changed_params", "update_seconds", "peak_mem_mb")
+                if key in eff]
+        frame = pd.concat([quality, pd.DataFrame(cost)], ignore_index=True)
+        last_quality = quality
         tmp = stage_dir.with_name(stage_dir.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         rec.save(tmp)
@@ -197,6 +236,11 @@ def run(cfg: DictConfig) -> Path:
         write_csv(tmp / "results.csv", frame)
         write_json(tmp / "efficiency.json", eff)
         write_text(tmp / "DONE", "")
+        if shared:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            staging = shared.with_name(shared.name + f".tmp{os.getpid()}")
+            shutil.copytree(tmp, staging)
+            publish_dir(staging, shared)
         publish_dir(tmp, stage_dir)
         all_rows.append(frame)
 

