@@ -27,6 +27,7 @@ def run(args, out: Path | None = None, multirun=False):
 
 def quality(out: Path) -> pd.DataFrame:
     df = pd.read_csv(out / "results.csv")
+    df = df.drop(columns=[c for c in df.columns if c.startswith("cfg.")])  # the command lines differ
     return df[~df.metric.isin(TIMING)].reset_index(drop=True)
 
 
