@@ -1,0 +1,201 @@
+"""EvoRec's Forget step: which old positions are scored lowest, how they are dropped, the filter's training."""
+
+import copy
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from recsim.methods.forget import (
+    MODEL_KEYS,
+    drop_positions,
+    model_args,
+    outdated_positions,
+    train_filter,
+)
+from recsim.models.sequential import BPRMF
+from recsim.models.sequential_module import MODELS, build_sequential
+from recsim.protocols.base import StageData, make_samples
+
+from conftest import compose
+
+FILTER_CONF = Path(__file__).resolve().parents[1] / "recsim" / "conf" / "method" / "filter"
+
+# 2-d item embeddings chosen by hand. BPR-MF's user vector is the mean embedding of its history.
+EMB = {1: [1.0, 0.0], 2: [-1.0, 0.0], 3: [0.0, 1.0], 4: [0.0, -1.0], 5: [3.0, 1.0], 6: [-30.0, 0.0]}
+
+
+def hand_filter() -> BPRMF:
+    model = BPRMF(num_items=6, hidden=2)
+    with torch.no_grad():
+        for item, vec in EMB.items():
+            model.item_emb.weight[item] = torch.tensor(vec)
+    return model.eval()
+
+
+def hand_stage() -> StageData:
+    # S^A- = sequence[:boundary]. Scores s_p = <h_u, e_item> with h_u = mean of the visible S^A:
+    # u0: visible [1,2,3,4,5,5] (position 6, item 6, is evaluated: not a target, never fed in)
+    #     h = ([1,0]+[-1,0]+[0,1]+[0,-1]+2*[3,1]) / 6 = [1, 1/3]
+    #     S^A- scores: p0 (1) 1, p1 (2) -1, p2 (3) 1/3, p3 (4) -1/3 -> K=2 lowest: p1, p3
+    #     (had item 6 leaked in, h = [-24/7, 2/7] and the lowest would be p0, p3)
+    # u1: visible [2,4,1,3,1,5], h = [4,1]/6 = [2/3, 1/6]
+    #     p0 (2) -2/3, p1 (4) -1/6, p2 (1) 2/3, p3 (3) 1/6, p4 (1) 2/3
+    #     scope=all: p0, p1. scope=window (window 3: p2..p4): p3, then the tie p2 = p4 -> p2 (older first)
+    # u2: one old item -> kept.  u3: h = [3,1]/3, p0 (2) -1, p1 (1) 1; K=2 but one must stay -> p0.
+    # u4: a new user (empty S^A-). u5: active with only an evaluated position (no new target).
+    # u6: inactive.
+    sequences = {
+        0: [1, 2, 3, 4, 5, 5, 6],
+        1: [2, 4, 1, 3, 1, 5],
+        2: [3, 5],
+        3: [2, 1, 5],
+        4: [5, 3],
+        5: [2, 4, 5],
+        6: [2, 4, 1],
+    }
+    return StageData(
+        index=1,
+        name="stage1",
+        sequences={u: np.array(s, dtype=np.int64) for u, s in sequences.items()},
+        new_targets={0: [4, 5], 1: [5], 2: [1], 3: [2], 4: [1], 5: []},
+        cumulative_targets={},
+        boundary={0: 4, 1: 5, 2: 1, 3: 2, 4: 0, 5: 2, 6: 3},
+        active_users=[0, 1, 2, 3, 4, 5],
+        inactive_users=[6],
+        eval_split="test1",
+    )
+
+
+def test_lowest_scored_positions_window_scope():
+    removed = outdated_positions(hand_filter(), hand_stage(), None, k=2, window=3)
+    # u0's window is p1..p3, whose two lowest are the same as over all of S^A-
+    assert removed == {0: [1, 3], 1: [2, 3], 3: [0]}
+
+
+def test_scope_all_differs_on_long_old_sequence():
+    stage = hand_stage()
+    removed = outdated_positions(hand_filter(), stage, stage.active_users, k=2, window=3, scope="all")
+    assert removed == {0: [1, 3], 1: [0, 1], 3: [0]}
+
+
+def test_k_one_zero_and_skipped_users():
+    model, stage = hand_filter(), hand_stage()
+    assert outdated_positions(model, stage, None, k=1, window=3, scope="all") == {0: [1], 1: [0], 3: [0]}
+    assert outdated_positions(model, stage, None, k=0, window=3) == {}
+    # the inactive user has no new targets: never filtered even when asked for
+    assert outdated_positions(model, stage, [4, 5, 6], k=2, window=3, scope="all") == {}
+
+
+def test_at_least_one_old_item_kept():
+    model, stage = hand_filter(), hand_stage()
+    # window 1: every user has a single candidate, which is kept
+    assert outdated_positions(model, stage, None, k=2, window=1) == {}
+    # K larger than any S^A-: all but one candidate go, the highest-scored one stays
+    removed = outdated_positions(model, stage, None, k=10, window=10, scope="all")
+    # kept: u0 p0 (score 1); u1 p4 (the newer of the tied p2 = p4 = 2/3, since older items go first)
+    assert removed == {0: [1, 2, 3], 1: [0, 1, 2, 3], 3: [0]}
+    for u, positions in removed.items():
+        assert len(positions) == stage.boundary[u] - 1
+
+
+def test_bad_scope_rejected():
+    with pytest.raises(ValueError, match="scope"):
+        outdated_positions(hand_filter(), hand_stage(), None, k=2, window=3, scope="recent")
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "gru4rec", "bpr_mf"])
+def test_batched_equals_one_user_at_a_time(kind):
+    # users of different lengths share a left-padded batch: the result must not depend on batching
+    torch.manual_seed(1)
+    model = build_sequential(kind, 6, hidden=8).eval()
+    stage = hand_stage()
+    batched = outdated_positions(model, stage, None, k=2, window=10, scope="all")
+    single = outdated_positions(model, stage, None, k=2, window=10, scope="all", batch_size=1)
+    assert batched == single and set(batched) == {0, 1, 3}
+    assert not model.training
+
+
+def test_drop_positions_reindexes_targets_and_cleans_histories():
+    stage = hand_stage()
+    before = copy.deepcopy(stage)
+    removed = {0: [1, 3], 1: [0, 1], 3: [0]}
+    sequences, targets = drop_positions(stage, removed)
+
+    assert sequences[0].tolist() == [1, 3, 5, 5, 6] and targets[0] == [2, 3]
+    assert sequences[1].tolist() == [1, 3, 1, 5] and targets[1] == [3]
+    assert sequences[3].tolist() == [1, 5] and targets[3] == [1]
+    assert sequences[2].tolist() == [3, 5] and targets[2] == [1]  # untouched users unchanged
+    assert targets[5] == []
+    # the StageData is not mutated
+    for u in before.sequences:
+        assert np.array_equal(stage.sequences[u], before.sequences[u])
+    assert stage.new_targets == before.new_targets and stage.boundary == before.boundary
+
+    old = make_samples(stage.sequences, stage.new_targets, window=3)
+    new = make_samples(sequences, targets, window=3)
+    assert [(s.user, s.target) for s in new] == [(s.user, s.target) for s in old]  # same targets, same items
+    by_user = {}
+    for s in new:
+        by_user.setdefault(s.user, []).append(s.history)
+    assert by_user[0] == [(1, 3), (1, 3, 5)]  # was (2, 3, 4), (3, 4, 5)
+    # u1's removed p0, p1 lie outside the window of its only sample: its history is unchanged,
+    # which is why scope="window" only considers the last `window` old positions
+    assert by_user[1] == [(1, 3, 1)]
+    assert by_user[3] == [(1,)]  # was (2, 1)
+
+
+def test_drop_positions_only_from_old_part():
+    with pytest.raises(ValueError, match="outside"):
+        drop_positions(hand_stage(), {0: [4]})  # position 4 is a new target of user 0
+
+
+# ---- the filter's training ------------------------------------------------------------------------
+
+N = 10
+TINY = {"hidden": 16, "layers": 1, "heads": 1, "dropout": 0.2, "max_len": 8, "lr": 1e-2, "loss": "ce",
+        "epochs": 2, "finetune_epochs": 1, "batch_size": 16}
+
+
+def tiny_samples(step: int):
+    """Item i followed by i + step (mod N): step 1 before T, step 2 after."""
+    seqs = {u: np.array([(u + step * j) % N + 1 for j in range(8)]) for u in range(N)}
+    return make_samples(seqs, {u: list(range(1, 8)) for u in seqs}, window=5)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_train_filter_deterministic_and_finetune_moves_weights():
+    old, new = tiny_samples(1), tiny_samples(2)
+    a = train_filter("sasrec", N, old, new, TINY, seed=3)
+    b = train_filter("sasrec", N, old, new, TINY, seed=3)
+    pre = train_filter("sasrec", N, old, new, {**TINY, "finetune_epochs": 0}, seed=3)
+    torch.manual_seed(3)
+    init = build_sequential("sasrec", N, **model_args("sasrec", TINY))
+
+    wa, wb, wpre = weights(a.model), weights(b.model), weights(pre.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same filter
+    assert not torch.equal(wpre["item_emb.weight"], init.item_emb.weight)  # pre-training trained
+    assert not torch.equal(wa["item_emb.weight"], wpre["item_emb.weight"])  # fine-tuning moved it
+    assert not a.model.training
+    assert a.pretrain_seconds > 0 and a.finetune_seconds > 0 and pre.finetune_seconds == 0
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "gru4rec", "bpr_mf"])
+def test_filter_configs(kind):
+    cfg = OmegaConf.load(FILTER_CONF / f"{kind}.yaml")
+    assert cfg.kind == kind
+    # every constructor argument is set by the config, so no key is silently left at a code default
+    params = set(inspect.signature(MODELS[kind]).parameters) - {"num_items"}
+    assert set(MODEL_KEYS[kind]) == params and params <= set(cfg)
+    for key in ("lr", "loss", "epochs", "finetune_epochs", "batch_size", "max_len"):
+        assert key in cfg
+    model = build_sequential(cfg.kind, N, **model_args(kind, cfg))
+    assert model.hidden == cfg.hidden == 64
+    # the sub-group composes under method.filter (the EvoRec config selects it in its defaults)
+    assert compose([f"+method/filter={kind}"]).method.filter.kind == kind
