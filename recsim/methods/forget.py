@@ -133,8 +133,9 @@ def outdated_positions(
 ) -> dict[int, list[int]]:
     """Positions of S^{A-} to remove, per user: the K lowest-scored candidates (see the module doc).
 
-    ``users``: whom to filter (None: ``stage.active_users``); ``window``: the protocol's history window. Returns only users with at least one removed
-    position, each with its positions in ascending order.
+    ``users``: whom to filter (None: ``stage.active_users``); ``window``: the protocol's history window;
+    ``max_len``: newest S^A items fed to the user representation (None: all). Returns only users with at
+    least one removed position, each with its positions in ascending order.
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid scopes: {list(SCOPES)}")
