@@ -57,10 +57,10 @@ def _stage_seed(seed: int, stage: int) -> int:
     return seed * 1000 + stage
 
 
-def _loggers(cfg, out: Path, stage_index: int):
+def _loggers(cfg, out: Path, version: str):
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers = [CSVLogger(str(out), name="logs", version=f"stage{stage_index}")]
+    loggers = [CSVLogger(str(out), name="logs", version=version)]
     if cfg.logger.get("wandb"):
         from recsim.utils.wandb_logger import wandb_logger
 
@@ -68,37 +68,51 @@ def _loggers(cfg, out: Path, stage_index: int):
     return loggers
 
 
-def fit_stage(cfg, stage, rec, method, samples, out: Path) -> dict:
-    """One update: a fresh Trainer on the method's samples. Returns the efficiency figures."""
-    optim, batch_size = rec.schedule(stage.index)
-    cap = cfg.trainer.get("max_train_samples")
-    if samples and cap and len(samples) > cap:  # a seeded subsample keeps CPU runs affordable
-        keep = np.random.default_rng(_stage_seed(cfg.seed, stage.index)).choice(len(samples), cap, replace=False)
-        samples = [samples[i] for i in sorted(keep)]
-    if not samples:
-        return {"train_samples": 0, "trainable_params": 0, "changed_params": 0, "update_seconds": 0.0}
-    method.before_update(stage, rec, samples)
+def train(cfg, rec, samples, optim, batch_size: int, seed: int, out: Path, log_version: str) -> None:
+    """Fit `rec.module` on `samples` with a fresh Lightning Trainer (whatever is trainable now trains)."""
     rec.set_optim(optim)
-    before = {n: p.detach().clone() for n, p in rec.tracked_parameters().items()}
-    trainable = sum(p.numel() for p in rec.module.parameters() if p.requires_grad)
     loader = DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=rec.collate,
-                        generator=torch.Generator().manual_seed(_stage_seed(cfg.seed, stage.index)))
+                        generator=torch.Generator().manual_seed(seed))
     trainer = L.Trainer(
         max_epochs=optim.epochs, max_steps=optim.get("max_steps") or -1, accelerator=cfg.trainer.accelerator,
         devices=1, precision=cfg.trainer.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
         deterministic=cfg.trainer.deterministic, gradient_clip_val=cfg.trainer.gradient_clip_val,
-        logger=_loggers(cfg, out, stage.index), enable_checkpointing=False, num_sanity_val_steps=0,
+        logger=_loggers(cfg, out, log_version), enable_checkpointing=False, num_sanity_val_steps=0,
         enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False, log_every_n_steps=1,
     )
+    trainer.fit(rec.module, loader)
+
+
+def fit_stage(cfg, stage, rec, method, out: Path) -> dict:
+    """One update, timed as a whole: the method's data choice (e.g. training a filter), its preparation
+    (locating layers, Fisher, extra fits) and the fit. Returns the efficiency figures."""
+    optim, batch_size = rec.schedule(stage.index)
+    seed = _stage_seed(cfg.seed, stage.index)
+    before = {n: p.detach().clone() for n, p in rec.tracked_parameters().items()}
+    method.report, method.extra_trainable = {}, 0
+    method.train_fn = lambda extra, extra_optim, tag: train(cfg, rec, extra, extra_optim, batch_size, seed, out,
+                                                            f"stage{stage.index}_{tag}")
+    trainable = 0
     with UpdateMeter() as meter:
-        trainer.fit(rec.module, loader)
-    method.after_update(stage, rec)
+        samples = method.training_samples(stage, rec)
+        cap = cfg.trainer.get("max_train_samples")
+        if samples and cap and len(samples) > cap:  # a seeded subsample keeps CPU runs affordable
+            keep = np.random.default_rng(seed).choice(len(samples), cap, replace=False)
+            samples = [samples[i] for i in sorted(keep)]
+        if samples:
+            method.before_update(stage, rec, samples)
+            trainable = sum(p.numel() for p in rec.module.parameters() if p.requires_grad) + method.extra_trainable
+            train(cfg, rec, samples, optim, batch_size, seed, out, f"stage{stage.index}")
+            method.after_update(stage, rec)
+    if not samples:
+        return {"train_samples": 0, "trainable_params": 0, "changed_params": 0, "update_seconds": 0.0}
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in rec.tracked_parameters().items() if n in before)
     return {"train_samples": len(samples), "trainable_params": trainable, "changed_params": changed,
-            "update_seconds": meter.seconds, "peak_mem_mb": meter.peak_mb, "memory_kind": meter.memory_kind}
+            "update_seconds": meter.seconds, "peak_mem_mb": meter.peak_mb, "memory_kind": meter.memory_kind,
+            **method.report}
 
 
-def evaluate_stage(cfg, protocol, rec, stage) -> list[dict]:
+def evaluate_stage(cfg, protocol, rec, method, stage) -> list[dict]:
     names = list(protocol.splits) if cfg.eval.all_splits else [stage.eval_split]
     rows = []
     ks = list(cfg.eval.ks)
@@ -112,7 +126,8 @@ def evaluate_stage(cfg, protocol, rec, stage) -> list[dict]:
             scores = []
             for start in tqdm(range(0, len(samples), 64), desc=f"eval {stage.name} on {name}/{group}", leave=False,
                               disable=not cfg.trainer.progress_bar):
-                scores.append(rec.score_candidates(samples[start : start + 64], cands[start : start + 64], cfg.eval.batch_size))
+                scores.append(method.score_candidates(rec, samples[start : start + 64], cands[start : start + 64],
+                                                      cfg.eval.batch_size))
             ranks["candidates"][group] = ranks_from_scores(np.concatenate(scores))
             if rec.can_rank_all and cfg.eval.full_ranking:
                 full = rec.score_all(samples)
@@ -216,13 +231,12 @@ def run(cfg: DictConfig) -> Path:
             last_quality = frame[frame.eval_mode != "-"]
             continue
         L.seed_everything(_stage_seed(cfg.seed, stage.index), workers=True)
-        samples = method.training_samples(stage, rec)
-        eff = fit_stage(cfg, stage, rec, method, samples, out)
+        eff = fit_stage(cfg, stage, rec, method, out)
         if eff["train_samples"] == 0 and last_quality is not None:
             # no update ran, so the model is bit-for-bit the previous stage's: its scores are too
             quality = last_quality.assign(stage=stage.index, stage_name=stage.name)
         else:
-            quality = pd.DataFrame([{**base_cols, **r} for r in evaluate_stage(cfg, protocol, rec, stage)])
+            quality = pd.DataFrame([{**base_cols, **r} for r in evaluate_stage(cfg, protocol, rec, method, stage)])
         cost = [{**base_cols, "eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
                  "split": "-", "group": "-", "metric": key, "value": float(eff[key])}
                 for key in ("train_samples", "trainable_params", "changed_params", "update_seconds", "peak_mem_mb")

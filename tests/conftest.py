@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import recsim  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 from pathlib import Path
 
 import pytest

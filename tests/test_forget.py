@@ -22,7 +22,6 @@ from recsim.protocols.base import StageData, make_samples
 
 from conftest import compose
 
-FILTER_CONF = Path(__file__).resolve().parents[1] / "recsim" / "conf" / "method" / "filter"
 
 # 2-d item embeddings chosen by hand. BPR-MF's user vector is the mean embedding of its history.
 EMB = {1: [1.0, 0.0], 2: [-1.0, 0.0], 3: [0.0, 1.0], 4: [0.0, -1.0], 5: [3.0, 1.0], 6: [-30.0, 0.0]}
@@ -188,7 +187,9 @@ def test_train_filter_deterministic_and_finetune_moves_weights():
 
 @pytest.mark.parametrize("kind", ["sasrec", "gru4rec", "bpr_mf"])
 def test_filter_configs(kind):
-    cfg = OmegaConf.load(FILTER_CONF / f"{kind}.yaml")
+    cfg = compose(["method=evorec", f"method.filter={kind}"]).method
+    assert cfg.filter == kind
+    cfg = cfg.filters[kind]
     assert cfg.kind == kind
     # every constructor argument is set by the config, so no key is silently left at a code default
     params = set(inspect.signature(MODELS[kind]).parameters) - {"num_items"}
@@ -197,5 +198,3 @@ def test_filter_configs(kind):
         assert key in cfg
     model = build_sequential(cfg.kind, N, **model_args(kind, cfg))
     assert model.hidden == cfg.hidden == 64
-    # the sub-group composes under method.filter (the EvoRec config selects it in its defaults)
-    assert compose([f"+method/filter={kind}"]).method.filter.kind == kind

@@ -99,17 +99,25 @@ def test_set_trainable_layers_only():
     assert {lora_ops.layer_of(x) for x in train} == {1, 3}
 
 
-def test_swapped_lora_restores_weights():
+def test_with_params_runs_other_lora_weights_and_keeps_backward_valid():
     ranker = tiny_ranker()
     anchor = {k: torch.zeros_like(v) for k, v in lora_ops.snapshot(ranker.model).items()}
     before = lora_ops.snapshot(ranker.model)
     samples, cands = [Sample(0, (1, 2), 3)], np.array([[3, 4, 5]])
-    with lora_ops.swapped_lora(ranker.model, anchor):
-        inside = ranker.score_candidates(samples, cands)
-        with ranker.model.disable_adapter():
-            plain = ranker.score_candidates(samples, cands)
+    inside = ranker.with_params(anchor, ranker.score_candidates, samples, cands)
+    with ranker.model.disable_adapter():
+        plain = ranker.score_candidates(samples, cands)
     np.testing.assert_allclose(inside, plain, atol=1e-5)  # zero LoRA == no adapter
+    assert not np.allclose(inside, ranker.score_candidates(samples, cands))  # ... and the real adapter differs
     assert all(torch.equal(before[k], v) for k, v in lora_ops.snapshot(ranker.model).items())
+    # an anchor pass between forward and backward must not invalidate the saved tensors
+    lora_ops.set_trainable(ranker.model)
+    batch = ranker.collate(samples)
+    out = ranker.answer_logits(batch)
+    with torch.no_grad():
+        ref = ranker.with_params(anchor, ranker.answer_logits, batch)
+    (out["logits"] - ref["logits"]).pow(2).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ranker.model.parameters())
 
 
 def test_layer_states_shapes_and_mean_pooling_ignores_padding():

@@ -56,22 +56,3 @@ def load_snapshot(model, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for n, v in state.items():
         params[n].copy_(v)
-
-
-class swapped_lora:
-    """Context manager: run the model with other LoRA weights (a frozen anchor), then put them back.
-
-    Cheaper than a second model copy: only the LoRA tensors (a few MB) move.
-    """
-
-    def __init__(self, model, state: dict[str, torch.Tensor]):
-        self.model, self.state = model, state
-
-    def __enter__(self):
-        self.saved = {n: p.detach().clone() for n, p in dict(self.model.named_parameters()).items() if n in self.state}
-        load_snapshot(self.model, self.state)
-        return self.model
-
-    def __exit__(self, *exc):
-        load_snapshot(self.model, self.saved)
-        return False

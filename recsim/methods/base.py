@@ -18,6 +18,9 @@ class ContinualMethod:
     def __init__(self, cfg):
         self.cfg = cfg
         self.protocol: Protocol | None = None
+        self.train_fn = None  # set by the runner: train_fn(samples, optim_cfg, tag) fits whatever is trainable
+        self.extra_trainable = 0  # parameters trained by extra fits inside before_update (reported)
+        self.report: dict = {}  # what the method decided at the last update (layers, removed items...)
 
     def setup(self, rec, protocol: Protocol) -> None:
         self.protocol = protocol
@@ -32,6 +35,10 @@ class ContinualMethod:
 
     def after_update(self, stage: StageData, rec) -> None:
         rec.clear_loss_terms()
+
+    def score_candidates(self, rec, samples, candidates, batch_size: int):
+        """Inference hook: a method that combines adapters (LSAT) changes how candidates are scored."""
+        return rec.score_candidates(samples, candidates, batch_size)
 
     def state_dict(self) -> dict:
         return {}

@@ -26,6 +26,17 @@ def _cache_kwarg(decoder) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
+class _Holder(torch.nn.Module):
+    """Makes `model` a child module so functional_call can reparametrise it around any callable."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
 LossTerm = Callable[["LLMRanker", dict, dict], dict]
 
 
@@ -84,6 +95,17 @@ class LLMRanker(L.LightningModule):
         return ids, mask
 
     # ---- model passes ---------------------------------------------------------------------------
+    def with_params(self, params: dict[str, torch.Tensor] | None, fn, *args, **kwargs):
+        """Call `fn` as if `self.model`'s named parameters were `params` (e.g. a frozen anchor adapter).
+
+        torch.func.functional_call swaps the tensors for the call only: no in-place copy, so tensors
+        saved for the current step's backward pass stay valid.
+        """
+        if not params:
+            return fn(*args, **kwargs)
+        holder = _Holder(self.model, fn)
+        return torch.func.functional_call(holder, {f"model.{k}": v for k, v in params.items()}, args, kwargs, strict=False)
+
     def _decode(self, input_ids, attention_mask, **kw):
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
         return self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kw)

@@ -55,8 +55,8 @@ class LLMRecommender:
     def set_optim(self, optim_cfg) -> None:
         self.module.optim_cfg = optim_cfg
 
-    def set_trainable(self, layers: set[int] | None = None) -> int:
-        return lora_ops.set_trainable(self.model, layers)
+    def set_trainable(self, layers: set[int] | None = None, adapter: str = "default") -> int:
+        return lora_ops.set_trainable(self.model, layers, adapter)
 
     def reset_to_initial(self) -> None:
         lora_ops.load_snapshot(self.model, self.initial)
@@ -91,7 +91,8 @@ class LLMRecommender:
                                f"!= {self.base_hash}); refusing to resume on a different backbone")
         for name in self.model.peft_config:
             sub = folder / "adapter" if name == "default" else folder / "adapter" / name
-            set_peft_model_state_dict(self.model, load_peft_weights(str(sub)), adapter_name=name)
+            if (sub / "adapter_config.json").is_file():  # a shared stage 0 has no method-specific adapters
+                set_peft_model_state_dict(self.model, load_peft_weights(str(sub)), adapter_name=name)
 
 
 class SequentialRecommender:
@@ -129,7 +130,7 @@ class SequentialRecommender:
     def set_optim(self, optim) -> None:
         self.module.lr = optim["lr"]
 
-    def set_trainable(self, layers=None) -> int:
+    def set_trainable(self, layers=None, adapter=None) -> int:
         for p in self.module.parameters():
             p.requires_grad_(True)
         return sum(p.numel() for p in self.module.parameters())

@@ -1,0 +1,323 @@
+"""recsim.reproduce without training: specs, the launch plan, skipping finished runs, and the rendered
+tables (paper number, our mean ± CI, delta) checked against numbers computed by hand."""
+
+import math
+import re
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from recsim import reproduce
+from recsim.reproduce import DEFAULT_EXPERIMENTS, EFFICIENCY, SpecError, load_scales, load_specs, main
+
+REPO = Path(__file__).resolve().parents[1]
+PAPERS = REPO.parent / "shared" / "papers" / "README.md"
+T2 = 4.3027  # t_{0.975, 2}: 3 seeds
+
+
+# ------------------------------------------------------------------------------------ the real specs
+
+
+def test_every_spec_parses_and_names_its_runs():
+    specs = load_specs(DEFAULT_EXPERIMENTS)
+    assert {s.key for s in specs} == {
+        "evorec_main_beauty", "evorec_toys_efficiency", "evorec_ablation", "evorec_t_sensitivity"}  # fmt: skip
+    for spec in specs:
+        names = {r.name for r in spec.runs}
+        assert set(spec.paper_numbers) <= names, spec.key
+        assert spec.eval_mode == "candidates" and spec.groups == ["U_A", "U_I"]
+        assert spec.path.read_text().startswith(
+            "# paper numbers below are the paper's, copied from ../shared/papers/README.md")
+        for run in spec.runs:
+            assert any(o.startswith("method=") for o in run.overrides), (spec.key, run.name)
+    scales = load_scales(DEFAULT_EXPERIMENTS)
+    assert set(scales) == {"smoke", "cpu", "paper"}
+    assert "backbone=tiny_llama" in scales["smoke"].overrides and scales["smoke"].seeds == [1]
+    assert "backbone=smollm2_135m" in scales["cpu"].overrides and scales["cpu"].seeds == [1, 2, 3]
+    assert "backbone=qwen2_7b" in scales["paper"].overrides and scales["paper"].seeds == [1, 2, 3]
+    assert "NOTHING" in scales["smoke"].warning
+
+
+def _section1() -> str:
+    if not PAPERS.is_file():
+        pytest.skip(f"{PAPERS} not found")
+    text = PAPERS.read_text()
+    return text[text.index("## 1. EvoRec") : text.index("## 2. PESO")]
+
+
+def test_spec_numbers_are_the_papers_and_none_is_left_out():
+    """Every number in the specs occurs in papers/README.md §1, and every number of §1's tables and
+    sensitivity line is in some spec (0.4089, the digest's inconsistent figure, on purpose not)."""
+    section = _section1()
+    lines = [l for l in section.splitlines() if l.startswith(("|", "Table: ablation", "Sensitivity."))]
+    in_paper = {float(x) for l in lines for x in re.findall(r"(?<![\d.])\d+\.\d+(?![\d.])", l)}
+    in_specs = set()
+    for spec in load_specs(DEFAULT_EXPERIMENTS):
+        for numbers in spec.paper_numbers.values():
+            for value in numbers.values():
+                if value is not None:
+                    in_specs.add(float(value))
+                    assert re.search(rf"(?<![\d.]){re.escape(str(value))}", section), (spec.key, value)
+    assert in_paper - in_specs == set()
+    assert 0.4089 not in in_specs
+
+
+def test_shared_run_names_must_mean_one_setting(tmp_path):
+    base = yaml.safe_load((DEFAULT_EXPERIMENTS / "evorec_main_beauty.yaml").read_text())
+    base["runs"] = [{"name": "evorec", "overrides": ["method=evorec", "method.t=0.5"]}]
+    base["paper_numbers"] = {}
+    for f in ("evorec_t_sensitivity.yaml", "scales.yaml"):
+        (tmp_path / f).write_text((DEFAULT_EXPERIMENTS / f).read_text())
+    (tmp_path / "clash.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(SpecError, match="one name, one setting"):
+        load_specs(tmp_path)
+    base["paper_numbers"] = {"nope": {"U_A/NDCG@3": 0.1}}
+    (tmp_path / "clash.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(SpecError, match="not one of the runs"):
+        load_specs(tmp_path)
+
+
+def _commands(out: str) -> list[list[str]]:
+    return [shlex.split(l) for l in out.splitlines() if l and not l.startswith("#")]
+
+
+def test_dry_run_lists_each_run_and_seed_once(tmp_path, capsys):
+    specs = load_specs(DEFAULT_EXPERIMENTS)
+    settings = {(ds, r.name) for s in specs for ds in s.datasets for r in s.runs}
+    smoke = load_scales(DEFAULT_EXPERIMENTS)["smoke"]
+
+    assert main(["--scale", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
+    cmds = _commands(capsys.readouterr().out)
+    assert len(cmds) == len(settings) * len(smoke.seeds)
+    dirs = [c[-1] for c in cmds]
+    assert len(set(dirs)) == len(dirs)
+    evorec = [c for c in cmds if c[-1] == f"hydra.run.dir={tmp_path}/smoke/beauty/evorec_s1"]
+    assert len(evorec) == 1  # in the main table, the ablation and the t study: launched once
+    assert evorec[0][1:4] == ["-m", "recsim.run", "method=evorec"]
+    assert evorec[0][4:-1] == ["dataset=beauty", *smoke.overrides, "seed=1"]
+    wo_loc = next(c for c in cmds if c[-1].endswith("/toys/wo_location_s1"))
+    assert wo_loc[3:6] == ["method=evorec", "method.t=1", "dataset=toys"]
+    two = next(c for c in cmds if c[-1].endswith("/toys/evorec_2rounds_s1"))
+    assert "stage.t_quantiles=[0.7,0.8]" in two and "method=evorec" in two
+
+    assert main(["--scale", "cpu", "--dry-run", "--tables", "evorec_main_beauty", "--out", str(tmp_path)]) == 0
+    cmds = _commands(capsys.readouterr().out)
+    assert len(cmds) == 7 * 3  # 7 methods x 3 seeds
+    assert sorted({c[-2] for c in cmds}) == ["seed=1", "seed=2", "seed=3"]
+    assert all("backbone=smollm2_135m" in c for c in cmds)
+
+    assert main(["--scale", "nope", "--dry-run"]) == 2
+    assert main(["--scale", "smoke", "--tables", "nope", "--dry-run"]) == 2
+
+
+# ---------------------------------------------------------------------- a tiny spec with fake runs
+
+
+SPEC = {
+    "title": "Fake table",
+    "paper": "A paper, table 1",
+    "dataset": "beauty",
+    "metrics": ["NDCG@3"],
+    "groups": ["U_A", "U_I"],
+    "efficiency": ["changed_params", "update_seconds"],
+    "eval_mode": "candidates",
+    "radar_metrics": ["HR@1", "NDCG@3"],
+    "runs": [
+        {"name": "base", "label": "no update", "overrides": ["method=base"]},
+        {"name": "evo2", "label": "EvoRec, 2 rounds", "overrides": ["stage.t_quantiles=[0.7,0.8]", "method=evorec"]},
+    ],
+    "paper_numbers": {
+        "base": {"U_A/NDCG@3": 0.3582, "U_I/NDCG@3": None, "changed_params_M": 0, "update_min": None},
+        "evo2": {"U_A/NDCG@3": 0.4762, "U_I/NDCG@3": 0.3691, "changed_params_M": 13.8, "update_min": 7.9},
+    },
+}
+SCALES = {
+    "three": {"description": "3 seeds", "overrides": ["backbone=tiny_llama"], "seeds": [1, 2, 3]},
+    "one": {"description": "1 seed", "overrides": ["backbone=tiny_llama"], "seeds": [1], "warning": "FAKE SCALE"},
+}
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Skip matplotlib where a test does not look at the plots (keeps the file well under 20 s)."""
+    monkeypatch.setattr(reproduce, "plot_radar", lambda *a: False)
+    monkeypatch.setattr(reproduce, "plot_cost", lambda *a: False)
+
+
+@pytest.fixture
+def experiments(tmp_path):
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    (folder / "fake.yaml").write_text(yaml.safe_dump(SPEC))
+    (folder / "scales.yaml").write_text(yaml.safe_dump(SCALES))
+    return folder
+
+
+def fake_run(d: Path, method: str, seed: int, rounds: int, ua: float, seconds: float, done=True) -> Path:
+    """A finished run in the runner's layout: config.yaml, results.csv (every stage, both groups and
+    'all', an R row, efficiency rows per stage) and DONE."""
+    rows = []
+    for stage in range(rounds + 1):
+        for r in range(1, rounds + 1):  # like eval.all_splits: every stage scores every round's split
+            for group, shift in (("U_A", 0.0), ("U_I", -0.1), ("all", -0.05)):
+                for metric, base in (("NDCG@3", ua), ("HR@1", ua / 2), ("HR@3", ua + 0.1)):
+                    own = stage == rounds and r == rounds  # only the last stage's own split is tabulated
+                    value = base + shift if own else 0.9
+                    rows.append(dict(eval_mode="candidates", candidates="1+29", stage=stage, stage_name=f"s{stage}",
+                                     split=f"round{r}", group=group, metric=metric, value=value,
+                                     ci_low=value - 0.03, ci_high=value + 0.05, n_users=20 if group == "U_A" else 30))
+        for metric, value in (("changed_params", 1e6 * stage), ("update_seconds", seconds if stage else 999.0)):
+            rows.append(dict(eval_mode="-", candidates="-", stage=stage, stage_name=f"s{stage}", split="-", group="-",
+                             metric=metric, value=value, ci_low=None, ci_high=None, n_users=None))
+    rows.append(dict(eval_mode="candidates", candidates="1+29", stage=rounds, stage_name=f"s{rounds}", split="R",
+                     group="all", metric="forgetting(NDCG@10)", value=0.01, ci_low=None, ci_high=None, n_users=None))
+    df = pd.DataFrame(rows).assign(dataset="beauty", method=method, backbone="tiny_llama", recipe="candidate_ranking",
+                                   protocol="two_period", seed=seed)
+    df["cfg.method"] = method
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(f"seed: {seed}\n")
+    df.to_csv(d / "results.csv", index=False)
+    if done:
+        (d / "DONE").write_text("")
+    return d
+
+
+def fill(out: Path, scale="three", seeds=(1, 2, 3), skip=()):
+    for seed in seeds:
+        if ("base", seed) not in skip:
+            fake_run(out / scale / "beauty" / f"base_s{seed}", "base", seed, 1, ua=0.35, seconds=0.0)
+        if ("evo2", seed) not in skip:  # U_A NDCG@3 0.40 / 0.50 / 0.60; update 2 x 60/90/120 s
+            fake_run(out / scale / "beauty" / f"evo2_s{seed}", "evorec", seed, 2, ua=0.3 + 0.1 * seed,
+                     seconds=30.0 + 30.0 * seed)
+
+
+def table_row(md: str, label: str) -> list[str]:
+    line = next(l for l in md.splitlines() if l.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+class Spy:
+    """Stands in for subprocess.run: counts launches; optionally plays a run that finishes."""
+
+    def __init__(self, finish=None, rc=0):
+        self.calls, self.finish, self.rc = [], finish, rc
+
+    def __call__(self, argv, **kwargs):
+        self.calls.append(argv)
+        if self.finish:
+            self.finish(Path(argv[-1].split("=", 1)[1]))
+        return type("Done", (), {"returncode": self.rc})()
+
+
+def test_render_paper_ours_and_delta_by_hand(experiments, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    fill(out)
+    spy = Spy()
+    monkeypatch.setattr(reproduce.subprocess, "run", spy)
+    assert main(["--scale", "three", "--experiments", str(experiments), "--out", str(out)]) == 0
+    assert spy.calls == []  # every run is DONE: nothing relaunched
+
+    md = (out / "three" / "TABLES.md").read_text()
+    cells = table_row(md, "EvoRec, 2 rounds")
+    # columns: run | U_A NDCG@3 paper, recsim, Δ | U_I ... | params (M) ... | time (min) ... | source
+    half = T2 * 0.1 / math.sqrt(3)  # sd of 0.40, 0.50, 0.60 is 0.1
+    assert cells[1:4] == ["0.4762", f"0.5000 ± {half:.4f}", "+0.0238"]
+    assert cells[4:7] == ["0.3691", f"0.4000 ± {half:.4f}", "+0.0309"]
+    assert cells[7:10] == ["13.8", "2 ± 0", "−11.8"]  # the larger of the two updates: 2M changed
+    # total update time: 2 x 60, 2 x 90, 2 x 120 s = 2, 3, 4 min: mean 3, sd 1
+    assert cells[10:13] == ["7.9", f"3 ± {T2 / math.sqrt(3):.4g}", "−4.9"]
+    assert "beauty/evo2_s{1,2,3}" in cells[13] and "3/3 done" in cells[13]
+    base = table_row(md, "no update")
+    assert base[1:4] == ["0.3582", "0.3500 ± 0.0000", "−0.0082"]
+    assert base[4:7] == ["–", "0.2500 ± 0.0000", "–"]  # the paper gives no U_I number
+    assert "round2 (stage 2)" in md and "round1 (stage 1)" in md  # each run's own last split
+    assert "scale **three**" in md and "tiny_llama" in md and "U_A 20, U_I 30" in md
+
+    csv = pd.read_csv(out / "three" / "tables.csv")
+    row = csv[(csv.run == "evo2") & (csv.group == "U_A") & (csv.metric == "NDCG@3")].iloc[0]
+    assert row.paper == 0.4762 and row.recsim_mean == pytest.approx(0.5) and row.n_seeds == 3
+    assert row.delta == pytest.approx(0.5 - 0.4762) and row.split == "round2"
+    assert row.recsim_ci_high - row.recsim_ci_low == pytest.approx(2 * half)
+    t = csv[(csv.run == "evo2") & (csv.metric == "update_seconds")].iloc[0]
+    assert t.unit == "min" and t.recsim_mean == pytest.approx(3.0) and t.delta == pytest.approx(-4.9)
+    for name in ("fake_radar.png", "fake_cost.png"):
+        assert (out / "three" / name).stat().st_size > 1000
+
+
+def test_single_seed_shows_the_runs_bootstrap_ci_and_the_warning(experiments, tmp_path, no_plots):
+    out = tmp_path / "out"
+    fill(out, scale="one", seeds=(1,))
+    assert main(["--scale", "one", "--experiments", str(experiments), "--out", str(out), "--render-only"]) == 0
+    md = (out / "one" / "TABLES.md").read_text()
+    assert md.count("FAKE SCALE") >= 2  # at the top and above every table
+    cells = table_row(md, "EvoRec, 2 rounds")
+    assert cells[2] == "0.4000 ± 0.0400†"  # the run's own CI [v - 0.03, v + 0.05]: half-width 0.04
+    assert cells[11] == "2†"  # 2 x 60 s, no spread with one seed
+
+
+def test_unfinished_runs_are_launched_and_failures_reported(experiments, tmp_path, monkeypatch, capsys, no_plots):
+    out = tmp_path / "out"
+    fill(out, skip={("evo2", 2), ("base", 3)})
+    fake_run(out / "three" / "beauty" / "base_s3", "base", 3, 1, ua=0.35, seconds=0.0, done=False)  # crashed
+
+    def finish(d: Path):
+        run, seed = d.name.split("_s")
+        shutil_rm(d)
+        fake_run(d, {"evo2": "evorec"}.get(run, run), int(seed), 2 if run == "evo2" else 1, ua=0.5, seconds=90.0)
+
+    spy = Spy(finish=finish)
+    monkeypatch.setattr(reproduce.subprocess, "run", spy)
+    assert main(["--scale", "three", "--experiments", str(experiments), "--out", str(out)]) == 0
+    launched = sorted(argv[-1] for argv in spy.calls)
+    assert launched == [f"hydra.run.dir={out}/three/beauty/base_s3", f"hydra.run.dir={out}/three/beauty/evo2_s2"]
+    evo = next(a for a in spy.calls if a[-1].endswith("evo2_s2"))
+    assert evo[3:] == ["stage.t_quantiles=[0.7,0.8]", "method=evorec", "dataset=beauty", "backbone=tiny_llama",
+                       "seed=2", f"hydra.run.dir={out}/three/beauty/evo2_s2"]
+    assert (out / "three" / "beauty" / "evo2_s2.log").is_file()
+
+    spy2 = Spy()  # a second invocation finds everything DONE
+    monkeypatch.setattr(reproduce.subprocess, "run", spy2)
+    assert main(["--scale", "three", "--experiments", str(experiments), "--out", str(out)]) == 0
+    assert spy2.calls == []
+
+    (out / "three" / "beauty" / "evo2_s3" / "DONE").unlink()
+    failing = Spy(rc=1)
+    monkeypatch.setattr(reproduce.subprocess, "run", failing)
+    capsys.readouterr()
+    assert main(["--scale", "three", "--experiments", str(experiments), "--out", str(out)]) == 1
+    assert len(failing.calls) == 1 and "FAILED" in capsys.readouterr().err
+    md = (out / "three" / "TABLES.md").read_text()  # still rendered, from the two seeds that finished
+    assert "2/3 done" in table_row(md, "EvoRec, 2 rounds")[13]
+
+
+def shutil_rm(d: Path):
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_efficiency_units_match_the_papers_keys():
+    assert EFFICIENCY["changed_params"][:3] == ("changed_params_M", 1e6, "M")
+    assert EFFICIENCY["update_seconds"][:3] == ("update_min", 60.0, "min")
+
+
+def test_inconsistent_seeds_mark_their_row_and_a_stale_run_warns(
+    experiments, tmp_path, monkeypatch, capsys, no_plots
+):
+    out = tmp_path / "out"
+    fill(out, skip={("evo2", 3)})
+    fake_run(out / "three" / "beauty" / "evo2_s3", "other", 3, 2, ua=0.6, seconds=120.0)  # another method column
+    hydra = out / "three" / "beauty" / "base_s1" / ".hydra"
+    hydra.mkdir()
+    (hydra / "overrides.yaml").write_text(yaml.safe_dump(["method=finetune", "dataset=beauty", "seed=1"]))
+    spy = Spy()
+    monkeypatch.setattr(reproduce.subprocess, "run", spy)
+    assert main(["--scale", "three", "--experiments", str(experiments), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert spy.calls == [] and "base_s1 is DONE but was launched with" in err
+    md = (out / "three" / "TABLES.md").read_text()
+    assert "ERROR" in table_row(md, "EvoRec, 2 rounds")[13]
+    assert table_row(md, "no update")[2] == "0.3500 ± 0.0000"  # the other row still renders
