@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-run: install  ## the default continual experiment: synthetic data, pretrained SmolLM2-135M, base -> finetune
-	$(PY) -m recsim.run experiment=default
+RUN_DIR ?= outputs/default
+run: install  ## the default continual experiment: synthetic data, pretrained SmolLM2-135M, base vs finetune
+	$(PY) -m recsim.run -m experiment=default method=base,finetune hydra.sweep.dir=$(RUN_DIR)
+	$(PY) -m recsim.tables $(RUN_DIR) --metrics HR@1,HR@3,NDCG@3,NDCG@10
 
 test: install  ## the whole suite (slow tests included)
 	$(PY) -m pytest -q
