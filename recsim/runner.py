@@ -134,13 +134,27 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> list[dict]:
                 # full ranking masks everything the user interacted with before the target, not only the window
                 before = [protocol.data.sequences[s.user][: s.position] for s in samples]
                 ranks["full"][group] = ranks_full(full, np.array([s.target for s in samples]), before)
+        if "generation" in cfg.eval.modes and rec.kind == "llm":
+            ranks["generation"], gen_stats = {}, {"generated": 0, "invalid": 0, "empty_lists": 0, "users": 0}
+            for group, samples in split.samples.items():
+                if samples:
+                    r, st = rec.module.generate_rankings(samples, split.candidates[group], cfg.recipe.generation,
+                                                         cfg.seed, cfg.eval.batch_size)
+                    ranks["generation"][group] = r
+                    gen_stats = {k: gen_stats[k] + st.get(k, len(samples)) for k in gen_stats}
+            rows.append({"eval_mode": "generation", "candidates": f"1+{cfg.eval.negatives}", "stage": stage.index,
+                         "stage_name": stage.name, "split": name, "group": "all", "metric": "invalid_share",
+                         "value": gen_stats["invalid"] / max(1, gen_stats["generated"]), "n_users": gen_stats["users"]})
+            rows.append({"eval_mode": "generation", "candidates": f"1+{cfg.eval.negatives}", "stage": stage.index,
+                         "stage_name": stage.name, "split": name, "group": "all", "metric": "no_valid_item_share",
+                         "value": gen_stats["empty_lists"] / max(1, gen_stats["users"]), "n_users": gen_stats["users"]})
         for mode, by_group in ranks.items():
             if not by_group:
                 continue
             by_group["all"] = np.concatenate(list(by_group.values()))
             for group, r in by_group.items():
                 for m in summarise(r, ks, cfg.eval.n_boot, cfg.seed):
-                    rows.append({"eval_mode": mode, "candidates": f"1+{cfg.eval.negatives}" if mode == "candidates" else "all",
+                    rows.append({"eval_mode": mode, "candidates": "all" if mode == "full" else f"1+{cfg.eval.negatives}",
                                  "stage": stage.index, "stage_name": stage.name, "split": name, "group": group, **m})
     return rows
 

@@ -141,3 +141,29 @@ def test_smollm2_loads_offline_and_scores(monkeypatch):
     scores = ranker.score_candidates([Sample(0, (1, 2), 3)], np.array([[3, 4, 5]]))
     assert np.isfinite(scores).all()
     assert scores[0, 0] > scores[0, 1] and scores[0, 0] > scores[0, 2]
+
+
+def test_parse_ranked_list_dedups_and_keeps_order():
+    from recsim.models.prompts import parse_ranked_list
+
+    assert parse_ranked_list(' A || "B" || A ||  || C', "||") == ["A", "B", "C"]
+
+
+def test_generation_mode_scores_exact_matches_and_counts_invalid(monkeypatch):
+    """Generation is stubbed with known text: the positive second, a repeat, and a made-up title."""
+    ranker = tiny_ranker()
+    samples = [Sample(0, (1, 2), 3, position=2), Sample(1, (4,), 5, position=1)]
+    cands = np.array([[3, 6, 7], [5, 8, 9]])
+    texts = [f" {TITLES[6]} || {TITLES[3]} || {TITLES[6]} || Not A Real Title", " Nothing || Else"]
+
+    def fake_generate(input_ids, attention_mask, **kw):
+        tails = [ranker.tok(t, add_special_tokens=False).input_ids for t in texts]
+        width = max(map(len, tails))
+        tails = torch.tensor([t + [ranker.tok.eos_token_id] * (width - len(t)) for t in tails])
+        return torch.cat([input_ids, tails], dim=1)
+
+    monkeypatch.setattr(ranker.model, "generate", fake_generate)
+    gen = OmegaConf.create({"list_length": 5, "separator": "||", "max_new_tokens": 8, "max_title_words": None})
+    ranks, stats = ranker.generate_rankings(samples, cands, gen, seed=0)
+    assert ranks.tolist() == [1, 3]  # the positive is 2nd of the deduplicated valid list; a miss ranks C
+    assert stats == {"generated": 5, "invalid": 3, "empty_lists": 1}

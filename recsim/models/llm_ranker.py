@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recsim.models.prompts import answer_text, history_prompt
+from recsim.models.prompts import answer_text, candidate_list_prompt, history_prompt, parse_ranked_list, shorten
 from recsim.protocols.base import Sample
 
 def _cache_kwarg(decoder) -> str:
@@ -181,6 +181,43 @@ class LLMRanker(L.LightningModule):
         if self.scoring_cfg.normalize == "mean":
             total = total / a_mask.sum(1)
         return total.view(B, C).double().cpu().numpy()
+
+    @torch.no_grad()
+    def generate_rankings(self, samples: list[Sample], candidates: np.ndarray, gen_cfg, seed: int,
+                          batch_size: int = 8) -> tuple[np.ndarray, dict]:
+        """EvoRec's evaluation as its authors ran it: the prompt carries the candidates (in a seeded
+        random order), the model greedily writes a `sep`-separated ranked list of titles, scored by exact
+        match. Returns the positive's 0-based rank per sample (C, i.e. a miss, when it is not in the
+        list) and counts of valid / invalid generated titles (invalid = not one of the candidates)."""
+        was_training = self.training
+        self.eval()
+        C = candidates.shape[1]
+        ranks = np.full(len(samples), C, dtype=np.int64)
+        stats = {"generated": 0, "invalid": 0, "empty_lists": 0}
+        for start in range(0, len(samples), batch_size):
+            chunk, cands = samples[start : start + batch_size], candidates[start : start + batch_size]
+            prompts, shown = [], []
+            for s, row in zip(chunk, cands):
+                order = np.random.default_rng([seed, s.user, max(s.position, 0)]).permutation(C)
+                titles = [shorten(self.titles[int(row[i])], gen_cfg.max_title_words) for i in order]
+                shown.append({t: int(row[i]) for t, i in zip(titles, order)})
+                hist = [self.titles[i] for i in list(s.history)[-self.prompt_cfg.max_history :]]
+                prompts.append(candidate_list_prompt(hist, titles, gen_cfg.list_length, gen_cfg.separator,
+                                                     max_title_words=self.prompt_cfg.max_title_words))
+            ids, mask = self._left_pad([self.tok(p, add_special_tokens=False).input_ids for p in prompts])
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_cfg.max_new_tokens,
+                                      do_sample=False, pad_token_id=self.tok.pad_token_id)
+            for i, (s, title_to_item) in enumerate(zip(chunk, shown)):
+                text = self.tok.decode(out[i, ids.shape[1] :], skip_special_tokens=True)
+                ranked = parse_ranked_list(text, gen_cfg.separator)[: gen_cfg.list_length]
+                valid = [title_to_item[t] for t in ranked if t in title_to_item]
+                stats["generated"] += len(ranked)
+                stats["invalid"] += len(ranked) - len(valid)
+                stats["empty_lists"] += not valid
+                if s.target in valid:
+                    ranks[start + i] = valid.index(s.target)
+        self.train(was_training)
+        return ranks, stats
 
     @torch.no_grad()
     def layer_states(self, histories: list, pooling: str = "last", batch_size: int = 8) -> torch.Tensor:

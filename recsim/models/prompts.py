@@ -26,3 +26,28 @@ def history_prompt(titles: list[str], template: str = DEFAULT_TEMPLATE, max_titl
 def answer_text(title: str, max_title_words: int | None = None) -> str:
     # leading space: the answer continues "Answer:" the way a tokenizer would see it in running text
     return " " + shorten(title, max_title_words)
+
+
+DEFAULT_LIST_TEMPLATE = (
+    "A user bought these items, oldest first:\n{history}\n"
+    "Candidates:\n{candidates}\n"
+    "Rank the {k} candidates the user is most likely to buy next, best first, separated by \"{sep}\".\nAnswer:"
+)
+
+
+def candidate_list_prompt(history: list[str], candidates: list[str], k: int, sep: str,
+                          template: str = DEFAULT_LIST_TEMPLATE, max_title_words: int | None = None) -> str:
+    """The EvoRec authors' evaluation prompt: the history and the (shuffled) candidate titles."""
+    hist = "\n".join(f"{i + 1}. {shorten(t, max_title_words)}" for i, t in enumerate(history))
+    cands = "\n".join(f"- {c}" for c in candidates)
+    return template.format(history=hist, candidates=cands, k=k, sep=sep)
+
+
+def parse_ranked_list(text: str, sep: str) -> list[str]:
+    """Generated text -> distinct titles in order (the authors' scorer could count a repeat twice)."""
+    out: list[str] = []
+    for part in text.split(sep):
+        title = part.strip().strip("\"'").strip()
+        if title and title not in out:
+            out.append(title)
+    return out
