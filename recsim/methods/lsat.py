@@ -48,7 +48,7 @@ class LSAT(ContinualMethod):
             return super().before_update(stage, rec, samples)
         # long-term adapter: keeps learning from all data up to this stage
         long = make_samples(stage.sequences, stage.cumulative_targets, self.protocol.window)
-        if len(long) > self.cfg.long_samples:
+        if self.cfg.long_samples and len(long) > self.cfg.long_samples:
             keep = np.random.default_rng([self.cfg.seed, stage.index]).choice(len(long), self.cfg.long_samples, replace=False)
             long = [long[i] for i in sorted(keep)]
         rec.model.set_adapter("default")
