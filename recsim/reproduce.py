@@ -170,6 +170,11 @@ def load_spec(path: str | Path) -> Spec:
         radar_metrics=_str_list(raw.get("radar_metrics"), "radar_metrics", path),
         paper_claims=_str_list(raw.get("paper_claims"), "paper_claims", path), order=int(raw.get("order", 100)),
     )  # fmt: skip
+    if spec.eval_mode not in ("candidates", "full") and not any(
+        o.startswith("eval.modes=") and spec.eval_mode in o for r in runs for o in r.overrides
+    ):  # candidates (and full, for models that rank all) are always scored; others are opt-in
+        raise SpecError(f"{path}: eval_mode {spec.eval_mode} needs eval.modes=[candidates,{spec.eval_mode}] in"
+                        " the spec's overrides (and run names of their own: that is another setting)")
     bad_eff = [e for e in spec.efficiency if e not in EFFICIENCY]
     if bad_eff:
         raise SpecError(f"{path}: efficiency {bad_eff} unknown; known: {sorted(EFFICIENCY)}")
@@ -734,8 +739,11 @@ def render(specs: Sequence[Spec], scale: Scale, out: Path, experiments: Path) ->
     finished = sorted(set(finished), key=str)
     if finished:  # recsim.tables' own view: every metric and setting, no paper numbers
         try:
-            every = render_markdown(aggregate(collect(finished)), metrics=None)
-            parts += ["## Appendix: every metric of these runs (`python -m recsim.tables` view, last stage)", "",
+            agg = aggregate(collect(finished))
+            wanted = dict.fromkeys(m for s in specs for m in [*s.radar_metrics, *s.metrics, *s.efficiency])
+            shown = [m for m in wanted if m in set(agg["metric"])] or None
+            every = render_markdown(agg, metrics=shown)
+            parts += ["## Appendix: these runs in `python -m recsim.tables`' view (last stage, every split)", "",
                       every]
         except (ValueError, FileNotFoundError) as err:
             parts += [f"(recsim.tables view unavailable: {err})", ""]

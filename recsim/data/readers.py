@@ -39,7 +39,11 @@ from recsim.data.schema import DataFileError, InteractionData
 URL_2014 = "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html"
 URL_2018 = "https://nijianmo.github.io/amazon/index.html"
 STAGED_HINT = (
-    "build with ../shared/data/build_amazon2014.py or use dataset.reader=mcauley2014 with the raw files"
+    "the staged tables (interactions.csv.gz, items.csv.gz) are derived from the McAuley Amazon 2014 5-core; "
+    "either download reviews_<Cat>_5.json.gz and meta_<Cat>.json.gz from "
+    "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html into the data directory and run with "
+    "dataset.reader=mcauley2014, or rebuild the staged copy with build_amazon2014.py from the project's "
+    "shared data folder (see README.md, Data)"
 )
 
 REVIEW_FIELDS = ("reviewerID", "asin", "unixReviewTime")  # `overall` is optional: rating NaN without it
