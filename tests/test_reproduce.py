@@ -78,6 +78,13 @@ def test_shared_run_names_must_mean_one_setting(tmp_path):
     (tmp_path / "clash.yaml").write_text(yaml.safe_dump(base))
     with pytest.raises(SpecError, match="not one of the runs"):
         load_specs(tmp_path)
+    base.update(paper_numbers={}, eval_mode="generation", runs=[{"name": "evorec_gen", "overrides": ["method=evorec"]}])
+    (tmp_path / "clash.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(SpecError, match=r"needs eval.modes=\[candidates,generation\]"):
+        load_specs(tmp_path)
+    base["overrides"] = ["eval.modes=[candidates,generation]"]
+    (tmp_path / "clash.yaml").write_text(yaml.safe_dump(base))
+    assert [s.key for s in load_specs(tmp_path)][0] == "clash"
 
 
 def _commands(out: str) -> list[list[str]]:
