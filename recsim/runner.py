@@ -81,11 +81,18 @@ def train(cfg, rec, samples, optim, batch_size: int, seed: int, out: Path, log_v
         enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False, log_every_n_steps=1,
     )
     trainer.fit(rec.module, loader)
+    rec.module.to(compute_device(cfg))  # Lightning's teardown moved the model back to the CPU
+
+
+def compute_device(cfg) -> torch.device:
+    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
 
 
 def fit_stage(cfg, stage, rec, method, out: Path) -> dict:
     """One update, timed as a whole: the method's data choice (e.g. training a filter), its preparation
     (locating layers, Fisher, extra fits) and the fit. Returns the efficiency figures."""
+    rec.module.to(compute_device(cfg))  # Lightning's teardown moves the model back to the CPU after a fit
     optim, batch_size = rec.schedule(stage.index)
     seed = _stage_seed(cfg.seed, stage.index)
     before = {n: p.detach().clone() for n, p in rec.tracked_parameters().items()}
@@ -250,6 +257,7 @@ def run(cfg: DictConfig) -> Path:
             # no update ran, so the model is bit-for-bit the previous stage's: its scores are too
             quality = last_quality.assign(stage=stage.index, stage_name=stage.name)
         else:
+            rec.module.to(compute_device(cfg))
             quality = pd.DataFrame([{**base_cols, **r} for r in evaluate_stage(cfg, protocol, rec, method, stage)])
         cost = [{**base_cols, "eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
                  "split": "-", "group": "-", "metric": key, "value": float(eff[key])}

