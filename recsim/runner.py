@@ -289,6 +289,10 @@ def run(cfg: DictConfig) -> Path:
     split_of = {s.index: s.eval_split for s in protocol.stages}
     markdown = render_run_markdown(results, cfg, split_of) + "\n" + summary
     write_text(out / "results.md", markdown)
+    if cfg.logger.get("wandb"):
+        from recsim.utils.wandb_logger import finish
+
+        finish(results)  # the same final numbers as results.csv, then close this job's W&B run
     write_text(out / "DONE", "")
     print(markdown)
     return out

@@ -110,3 +110,15 @@ def test_base_stage_trained_once_and_shared(tmp_path):
     run(TINY + ["method=finetune", "reuse_base_stage=false", cache], fresh)
     pd.testing.assert_frame_equal(quality(tmp_path / "ft"), quality(fresh))  # reuse changes nothing
     assert (quality(tmp_path / "ft").method == "finetune").all()
+
+
+def test_wandb_logger_offline_without_a_key(tmp_path, monkeypatch):
+    """logger=wandb with no API key runs offline, never blocks, and keeps its files in the run dir."""
+    out = tmp_path / "wb"
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env.update({"HOME": str(tmp_path), "WANDB_DIR": str(out), "WANDB_SILENT": "true"})
+    cmd = [sys.executable, "-m", "recsim.run", "backbone=sasrec", "debug=smoke", "logger=wandb", f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "DONE").is_file()
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run under the run dir"

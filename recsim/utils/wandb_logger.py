@@ -29,8 +29,15 @@ def wandb_logger(cfg, out: Path):
                        group=group, name=out.name, id=None, log_model=False, reinit="finish_previous")
 
 
-def finish() -> None:
+def finish(results=None) -> None:
+    """Put the final results in the run's summary (one key per stage/split/group/metric), then close it,
+    so each job of a multirun is its own W&B run with the numbers of its results.csv."""
     import wandb
 
-    if wandb.run is not None:
-        wandb.finish()
+    if wandb.run is None:
+        return
+    if results is not None:
+        rows = results.dropna(subset=["value"])
+        wandb.run.summary.update({f"{r.eval_mode}/{r.stage_name}/{r.split}/{r.group}/{r.metric}": float(r.value)
+                                  for r in rows.itertuples()})
+    wandb.finish()
