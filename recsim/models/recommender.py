@@ -139,7 +139,7 @@ class SequentialRecommender:
         self.module.load_state_dict(self.initial)
 
     def add_loss_term(self, term) -> None:
-        raise NotImplementedError("this method adds LLM loss terms; pick an LLM backbone (backbone.kind=llm)")
+        raise ValueError("this method adds loss terms to an LLM; choose an LLM backbone (backbone.kind=llm), not a classic model")
 
     def clear_loss_terms(self) -> None:
         pass

@@ -15,13 +15,15 @@ that extra left padding does not change its output (tested).
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
 from recsim.protocols.base import Sample
 
 
-class SequentialRecommender(nn.Module):
+class SequentialRecommender(nn.Module, abc.ABC):
     """Shared item table and scoring; subclasses only say how a history becomes a user vector."""
 
     def __init__(self, num_items: int, hidden: int):
@@ -37,8 +39,9 @@ class SequentialRecommender(nn.Module):
             table.weight[0].zero_()
         return table
 
+    @abc.abstractmethod
     def user_repr(self, history: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """User vector [B, D] from a left-padded history [B, L]; each model defines its own."""
 
     def score(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         user = self.user_repr(history)  # [B, D]
