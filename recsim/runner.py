@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -142,19 +143,11 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> list[dict]:
                 before = [protocol.data.sequences[s.user][: s.position] for s in samples]
                 ranks["full"][group] = ranks_full(full, np.array([s.target for s in samples]), before)
         if "generation" in cfg.eval.modes and rec.kind == "llm":
-            ranks["generation"], gen_stats = {}, {"generated": 0, "invalid": 0, "empty_lists": 0, "users": 0}
-            for group, samples in split.samples.items():
-                if samples:
-                    r, st = rec.module.generate_rankings(samples, split.candidates[group], cfg.recipe.generation,
-                                                         cfg.seed, cfg.eval.batch_size)
-                    ranks["generation"][group] = r
-                    gen_stats = {k: gen_stats[k] + st.get(k, len(samples)) for k in gen_stats}
-            rows.append({"eval_mode": "generation", "candidates": f"1+{cfg.eval.negatives}", "stage": stage.index,
-                         "stage_name": stage.name, "split": name, "group": "all", "metric": "invalid_share",
-                         "value": gen_stats["invalid"] / max(1, gen_stats["generated"]), "n_users": gen_stats["users"]})
-            rows.append({"eval_mode": "generation", "candidates": f"1+{cfg.eval.negatives}", "stage": stage.index,
-                         "stage_name": stage.name, "split": name, "group": "all", "metric": "no_valid_item_share",
-                         "value": gen_stats["empty_lists"] / max(1, gen_stats["users"]), "n_users": gen_stats["users"]})
+            ranks["generation"], counts = _generation_ranks(cfg, rec, split)
+            common = {"eval_mode": "generation", "candidates": f"1+{cfg.eval.negatives}", "stage": stage.index,
+                      "stage_name": stage.name, "split": name, "group": "all", "n_users": counts["users"]}
+            rows += [{**common, "metric": "invalid_share", "value": counts["invalid"] / max(1, counts["generated"])},
+                     {**common, "metric": "no_valid_item_share", "value": counts["empty_lists"] / max(1, counts["users"])}]
         for mode, by_group in ranks.items():
             if not by_group:
                 continue
@@ -164,6 +157,18 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> list[dict]:
                     rows.append({"eval_mode": mode, "candidates": "all" if mode == "full" else f"1+{cfg.eval.negatives}",
                                  "stage": stage.index, "stage_name": stage.name, "split": name, "group": group, **m})
     return rows
+
+
+def _generation_ranks(cfg, rec, split) -> tuple[dict, Counter]:
+    """The authors' evaluation: ranked title lists generated per group, with counts of invalid titles."""
+    ranks, counts = {}, Counter()
+    for group, samples in split.samples.items():
+        if samples:
+            ranks[group], stats = rec.module.generate_rankings(samples, split.candidates[group],
+                                                               cfg.recipe.generation, cfg.seed, cfg.eval.batch_size)
+            counts.update(stats)
+            counts["users"] += len(samples)
+    return ranks, counts
 
 
 def _swept_columns() -> dict:
