@@ -66,7 +66,6 @@ class EvoRec(ContinualMethod):
         if stage.index == 0:
             return super().training_samples(stage, rec)
         sequences, targets = stage.sequences, {u: stage.new_targets[u] for u in stage.active_users}
-        self.removed = {}
         if self.cfg.k > 0:
             from recsim.methods.forget import drop_positions, outdated_positions, train_filter
 
@@ -79,11 +78,13 @@ class EvoRec(ContinualMethod):
             spec = self.cfg.filters[self.cfg.filter]
             result = train_filter(spec.kind, self.protocol.data.num_items, old, new, spec,
                                   seed=self.cfg.seed * 1000 + stage.index)
-            self.removed = outdated_positions(result.model, stage, stage.active_users, self.cfg.k, window,
-                                              scope=self.cfg.forget_scope, max_len=spec.max_len)
-            sequences, targets = drop_positions(stage, self.removed)
+            removed = outdated_positions(result.model, stage, stage.active_users, self.cfg.k, window,
+                                         scope=self.cfg.forget_scope, max_len=spec.max_len)
+            sequences, targets = drop_positions(stage, removed)
             targets = {u: targets[u] for u in stage.active_users if u in targets}
-            self.filter_seconds = result.pretrain_seconds + result.finetune_seconds
+            # the runner resets `report` before asking for the samples, so this lands in this update's figures
+            self.report.update({"forgotten_items": int(sum(map(len, removed.values()))),
+                                "filter_seconds": result.pretrain_seconds + result.finetune_seconds})
         return make_samples(sequences, targets, self.protocol.window)
 
     def locate(self, stage, rec) -> list[int]:
@@ -115,5 +116,4 @@ class EvoRec(ContinualMethod):
                 inactive = [inactive[i] for i in sorted(keep)]
             rec.add_loss_term(AnchorKL(anchor, self.cfg.lam, inactive, self.cfg.kl_batch_size,
                                        seed=self.cfg.seed * 1000 + stage.index, name="consistency_kl"))
-        self.report.update({"forgotten_items": int(sum(len(v) for v in getattr(self, "removed", {}).values())),
-                            "filter_seconds": getattr(self, "filter_seconds", 0.0), "kl_samples": len(inactive)})
+        self.report["kl_samples"] = len(inactive)
