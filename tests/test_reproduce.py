@@ -24,7 +24,8 @@ T2 = 4.3027  # t_{0.975, 2}: 3 seeds
 def test_every_spec_parses_and_names_its_runs():
     specs = load_specs(DEFAULT_EXPERIMENTS)
     assert {s.key for s in specs} == {
-        "evorec_main_beauty", "evorec_toys_efficiency", "evorec_ablation", "evorec_t_sensitivity"}  # fmt: skip
+        "evorec_main_beauty", "evorec_main_toys", "evorec_toys_efficiency", "evorec_ablation",
+        "evorec_t_sensitivity"}  # fmt: skip
     for spec in specs:
         names = {r.name for r in spec.runs}
         assert set(spec.paper_numbers) <= names, spec.key
