@@ -198,3 +198,27 @@ def test_filter_configs(kind):
         assert key in cfg
     model = build_sequential(cfg.kind, N, **model_args(kind, cfg))
     assert model.hidden == cfg.hidden == 64
+
+
+def test_evorec_forgets_only_old_items_its_prompts_show(monkeypatch):
+    """With scope=window, EvoRec's candidates are the newest min(window, history shown) old items: at a
+    prompt of 2 titles an older item can never be forgotten, because removing it would change nothing."""
+    from types import SimpleNamespace
+
+    from recsim.methods import forget
+    from recsim.methods.evorec import EvoRec
+
+    monkeypatch.setattr(forget, "train_filter", lambda *a, **k: SimpleNamespace(
+        model=hand_filter(), pretrain_seconds=0.0, finetune_seconds=0.0))
+    method = EvoRec(compose(["method=evorec", "method.k=1"]).method)
+    method.protocol = SimpleNamespace(window=20, data=SimpleNamespace(num_items=6))
+
+    def histories(shown):
+        samples = method.training_samples(hand_stage(), SimpleNamespace(history_shown=shown))
+        return sorted((s.user, s.history) for s in samples if s.user in (0, 1))
+
+    # scores by hand (hand_stage): u0 S^A- [1,2,3,4] -> 1, -1, 1/3, -1/3; u1 S^A- [2,4,1,3,1] -> -2/3, -1/6, 2/3, 1/6, 2/3
+    # the whole window: u0 loses p1 (item 2), u1 loses p0 (item 2)
+    assert histories(None) == [(0, (1, 3, 4)), (0, (1, 3, 4, 5)), (1, (4, 1, 3, 1))]
+    # 2 titles shown: candidates u0 p2, p3 -> p3 (item 4); u1 p3, p4 -> p3 (item 3)
+    assert histories(2) == [(0, (1, 2, 3)), (0, (1, 2, 3, 5)), (1, (2, 4, 1, 1))]

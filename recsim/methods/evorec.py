@@ -8,7 +8,9 @@ At each update (stage r >= 1), with U_A the users active in the new window:
      `locate.rule=vote` is the authors' code instead: each user votes for its lowest-similarity layer
      (use it with `locate.pooling=mean`, as they mean-pool; recsim excludes padding from the mean).
   2. Forget: a light sequential filter (SASRec by default) trained on pre-T data and fine-tuned on the
-     new window scores the items of S_u^{A-}; the K lowest are removed from u's update data.
+     new window scores the items of S_u^{A-}; the K lowest are removed from u's update data. With
+     `forget_scope=window` the candidates are the newest old items an update prompt shows:
+     min(protocol window, `recipe.prompt.max_history`); removing an item no prompt shows changes nothing.
   3. Update: L_total = L_e + λ·L_c, L_e the NLL of the filtered active-user samples, L_c the KL between
      the frozen pre-update model and the updated one on inactive-user samples (recsim.methods.kl).
 Stage 0 trains the initial model like every other method (all LoRA parameters).
@@ -78,7 +80,10 @@ class EvoRec(ContinualMethod):
             spec = self.cfg.filters[self.cfg.filter]
             result = train_filter(spec.kind, self.protocol.data.num_items, old, new, spec,
                                   seed=self.cfg.seed * 1000 + stage.index)
-            removed = outdated_positions(result.model, stage, stage.active_users, self.cfg.k, window,
+            # scope=window: only the old items some update prompt shows can be forgotten to any effect;
+            # an LLM prompt shows the newest `max_history` of the protocol's window
+            shown = min(window, getattr(rec, "history_shown", None) or window)
+            removed = outdated_positions(result.model, stage, stage.active_users, self.cfg.k, shown,
                                          scope=self.cfg.forget_scope, max_len=spec.max_len)
             sequences, targets = drop_positions(stage, removed)
             targets = {u: targets[u] for u in stage.active_users if u in targets}

@@ -16,7 +16,8 @@ S^{A-} = ``stage.sequences[u][:stage.boundary[u]]`` (before T) and S^{A+} the re
    Candidates depend on ``scope``:
    - ``"window"`` (default): the last ``window`` positions of S^{A-}. Update samples have target
      positions >= boundary and histories of at most ``window`` items, so older positions never enter
-     any update sample; removing them would change nothing.
+     any update sample; removing them would change nothing. EvoRec passes the number of history items
+     the recommender actually reads (an LLM prompt's ``max_history`` when it is below the protocol's).
    - ``"all"``: every position of S^{A-}.
 4. Remove. The K lowest-scored candidates are removed (paper: K = 2). Choices the paper leaves open:
    - ties (e.g. the same item twice) go to the *earlier* position first: older items are removed first;

@@ -44,6 +44,11 @@ class LLMRecommender:
     def model(self):
         return self.module.model
 
+    @property
+    def history_shown(self) -> int:
+        """How many of a sample's newest history items the prompt shows."""
+        return int(self.cfg.recipe.prompt.max_history)
+
     def collate(self, samples: list[Sample]) -> dict:
         return self.module.collate(samples)
 
@@ -119,6 +124,11 @@ class SequentialRecommender:
         self.module = SequentialRecModule(model, loss=bb.loss, lr=bb.lr, weight_decay=bb.weight_decay, seed=seed)
         self.initial = {k: v.clone() for k, v in self.module.state_dict().items()}
         self.loss_terms: list = []
+
+    @property
+    def history_shown(self) -> int | None:
+        """How many of a sample's newest history items the model reads (None: all of them)."""
+        return self.cfg.backbone.get("max_len")
 
     def schedule(self, stage_index: int):
         bb = self.cfg.backbone
