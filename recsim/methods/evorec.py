@@ -82,7 +82,7 @@ class EvoRec(ContinualMethod):
                                   seed=self.cfg.seed * 1000 + stage.index)
             # scope=window: only the old items some update prompt shows can be forgotten to any effect;
             # an LLM prompt shows the newest `max_history` of the protocol's window
-            shown = min(window, getattr(rec, "history_shown", None) or window)
+            shown = min(window, rec.history_shown or window)
             removed = outdated_positions(result.model, stage, stage.active_users, self.cfg.k, shown,
                                          scope=self.cfg.forget_scope, max_len=spec.max_len)
             sequences, targets = drop_positions(stage, removed)
