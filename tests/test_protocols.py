@@ -58,8 +58,8 @@ def test_two_period_hand_example():
     assert [s.target for s in split.samples["U_I"]] == [data.sequences[b][2]]
     base, upd = proto.stages
     assert base.cumulative_targets[a] == [1, 2]  # positions 1,2 (days 2,3); day 1 has no history
-    assert base.cumulative_targets[b] == [1]  # day 3 is b's evaluated target
-    assert upd.new_targets[a] == [3, 4]  # days 4, 5; day 6 is held out
+    assert base.cumulative_targets[b] == []  # day 3 is b's test target, day 2 its validation target
+    assert upd.new_targets[a] == [3]  # day 4; day 5 is a's validation target, day 6 its test target
     assert upd.boundary[a] == 3 and upd.active_users == sorted([a, c]) and upd.inactive_users == [b]
 
 

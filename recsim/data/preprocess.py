@@ -102,19 +102,31 @@ def _restrict_truth(truth: pd.DataFrame | None, interactions: pd.DataFrame) -> p
     return truth[truth["user_id"].isin(users).to_numpy()].reset_index(drop=True)
 
 
+def sample_user_ids(user_ids, n: int | None, seed: int) -> set[str] | None:
+    """A seeded uniform sample of `n` distinct user ids, without replacement (None: no sampling).
+
+    Users are drawn from the *sorted* distinct ids, so the sample depends only on the set of users and
+    the seed, not on row order. ``n=None`` or ``n >= #users`` gives None (every user).
+    """
+    users = np.sort(pd.unique(np.asarray(list(user_ids), dtype=object)))
+    if n is None or n >= len(users):
+        return None
+    if n < 1:
+        raise ValueError(f"dataset.sample_users must be >= 1 or null, got {n}")
+    return set(np.random.default_rng(seed).choice(users, size=n, replace=False).tolist())
+
+
 def sample_users(data: InteractionData, n: int | None, seed: int) -> InteractionData:
     """A seeded uniform sample of `n` users with all their interactions, and only the items they touch.
 
-    Users are drawn without replacement from the *sorted* user ids, so the sample depends only on the set
-    of users and the seed, not on row order. Row order is kept. The sample is not re-filtered: an item
-    may have fewer than k interactions inside it. ``n=None`` or ``n >= #users`` returns `data` unchanged.
+    The users are :func:`sample_user_ids` of the interactions' user ids. Row order is kept. The sample is
+    not re-filtered: an item may have fewer than k interactions inside it. ``n=None`` or ``n >= #users``
+    returns `data` unchanged. (Runs do not use this table-level sample: they keep the whole dataset and
+    restrict the protocol to the sampled users, see :mod:`recsim.protocols.prepare`.)
     """
-    users = np.sort(pd.unique(data.interactions["user_id"]).astype(object))
-    if n is None or n >= len(users):
+    chosen = sample_user_ids(data.interactions["user_id"], n, seed)
+    if chosen is None:
         return data
-    if n < 1:
-        raise ValueError(f"sample_users must be >= 1 or null, got {n}")
-    chosen = set(np.random.default_rng(seed).choice(users, size=n, replace=False).tolist())
     inter = data.interactions[data.interactions["user_id"].isin(chosen).to_numpy()].reset_index(drop=True)
     touched = set(inter["item_id"])
     items = data.items[data.items["item_id"].isin(touched).to_numpy()].reset_index(drop=True)

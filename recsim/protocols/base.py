@@ -1,14 +1,24 @@
 """What every protocol produces: encoded sequences, stages to train on, and evaluation splits.
 
-Items are integers 1..N (0 is padding), users 0..U-1. A protocol never hands out (history, target)
-pairs directly for training; it hands out per-user *sequences* plus the positions that may serve as
-training targets. Methods that filter data (EvoRec's Forget) edit sequences, then call
-:func:`make_samples`; evaluated positions are never in any stage's target set.
+Items are integers 1..N (0 is padding) over the whole processed catalogue, users 0..U-1 over all users.
+A protocol may be built for a subset of the users (``dataset.sample_users``): cut times, the catalogue
+and the negatives still come from the whole data, only stages and splits are restricted to the subset.
+A protocol never hands out (history, target) pairs directly for training; it hands out per-user
+*sequences* plus the positions that may serve as training targets. Methods that filter data (EvoRec's
+Forget) edit sequences, then call :func:`make_samples`; evaluated positions (test *and* validation
+targets) are never in any stage's target set.
+
+Every test split has a validation split (``Protocol.valid_splits[name]``, named ``f"{name}_valid"``,
+same groups). Its target for a user with test position p is p-1 when p-1 lies in the same period as p
+and has history (p-1 >= 1), otherwise that user has no validation sample: one held-out step before the
+test step, so that choosing checkpoints or hyperparameters never looks at a test target.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
@@ -90,11 +100,17 @@ class StageData:
 
 @dataclass
 class EvalSplit:
-    """Held-out next-item targets, grouped by user group ("U_A", "U_I"). Candidates are drawn once."""
+    """Held-out next-item targets, grouped by user group ("U_A", "U_I", "new", or "all"). Candidates are
+    drawn once. ``role`` is "test" or "valid" (a validation split never holds a test target)."""
 
     name: str
     samples: dict[str, list[Sample]]
     candidates: dict[str, np.ndarray] = field(default_factory=dict)  # group -> [n, 1 + negatives]
+    role: str = "test"
+
+    def __post_init__(self):
+        if self.role not in ("test", "valid"):
+            raise ValueError(f"EvalSplit {self.name!r}: role={self.role!r} is not one of: test, valid")
 
     def all_samples(self) -> list[Sample]:
         return [s for group in self.samples.values() for s in group]
@@ -102,11 +118,49 @@ class EvalSplit:
 
 @dataclass
 class Protocol:
-    data: EncodedData
+    data: EncodedData  # always the whole dataset, whichever users the stages and splits cover
     stages: list[StageData]
-    splits: dict[str, EvalSplit]
+    splits: dict[str, EvalSplit]  # test splits by name
     window: int
     description: dict = field(default_factory=dict)
+    valid_splits: dict[str, EvalSplit] = field(default_factory=dict)  # test split name -> its validation split
+
+    def all_splits(self) -> list[EvalSplit]:
+        """Test splits, then validation splits (what candidates are drawn and saved for)."""
+        return [*self.splits.values(), *self.valid_splits.values()]
+
+
+def resolve_users(data: EncodedData, users: Sequence[int] | None) -> list[int]:
+    """The users a protocol is built for, sorted (None: every user of `data`)."""
+    if users is None:
+        return sorted(data.sequences)
+    chosen = sorted({int(u) for u in users})
+    unknown = [u for u in chosen if u not in data.sequences]
+    if unknown:
+        raise ValueError(f"users {unknown[:5]} are not user indices of dataset {data.name!r} "
+                         f"(0..{len(data.user_ids) - 1})")
+    return chosen
+
+
+def all_timestamps(data: EncodedData) -> np.ndarray:
+    """Every interaction time of the whole dataset: cut times never depend on a user sample."""
+    return np.concatenate(list(data.timestamps.values()))
+
+
+def iso_day(ts: float | None) -> str | None:
+    if ts is None or not np.isfinite(ts):
+        return None
+    return datetime.fromtimestamp(int(ts), tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def sample_at(user: int, seq: np.ndarray, p: int, window: int) -> Sample:
+    """Predict seq[p] from the (at most `window`) items before it."""
+    return Sample(user, tuple(int(i) for i in seq[max(0, p - window) : p]), int(seq[p]), p)
+
+
+def train_positions(n_visible: int, held: set[int]) -> list[int]:
+    """Trainable target positions of a visible prefix: all but position 0 (no history) and held-out ones."""
+    return [p for p in range(1, n_visible) if p not in held]
 
 
 def make_samples(
@@ -122,5 +176,5 @@ def make_samples(
         for p in targets.get(u, ()):
             if p <= 0:
                 continue  # nothing to condition on
-            out.append(Sample(u, tuple(int(i) for i in seq[max(0, p - window) : p]), int(seq[p]), p))
+            out.append(sample_at(u, seq, p, window))
     return out
