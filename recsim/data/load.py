@@ -1,9 +1,11 @@
 """One entry point from a ``dataset`` config to processed tables.
 
-Pipeline: cache lookup -> read -> preprocess -> validate -> cache write, then ``sample_users``. Sampling
-comes after the cache on purpose: every sample size and seed reuses one cached full dataset, and the
-sample is cheap. Readers are looked up in :data:`READERS` by name (no ``if name == ...`` chains); each
-entry says how to read and which source files to fingerprint for the cache key.
+Pipeline: cache lookup -> read -> preprocess -> validate -> cache write. The result is always the whole
+processed dataset: ``sample_users`` / ``sample_seed`` are applied by the protocol
+(:func:`recsim.protocols.prepare.prepare_protocol`), which keeps cut times and candidates those of the
+whole data and restricts only the evaluated and trained users. Readers are looked up in :data:`READERS`
+by name (no ``if name == ...`` chains); each entry says how to read and which source files to fingerprint
+for the cache key.
 
 Config keys (see ``recsim/conf/dataset/*.yaml``): name, reader, data_dir, folder (staged reader),
 category (raw readers), k_core, drop_untitled, max_title_words, sample_users, sample_seed, and
@@ -23,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsim.data import readers
 from recsim.data.cache import load_or_build
-from recsim.data.preprocess import preprocess, sample_users
+from recsim.data.preprocess import preprocess
 from recsim.data.schema import InteractionData
 from recsim.data.synthetic import simulate
 
@@ -65,6 +67,13 @@ READERS: dict[str, Reader] = {
         sources=lambda c: readers.amazon2018_files(c["data_dir"], _need(c, "category")),
         args=("category",),
     ),
+    "recbole": Reader(
+        read=lambda c: readers.read_recbole(
+            c["data_dir"], _need(c, "folder"), c.get("atomic_name"), c.get("title_field") or "title"
+        ),
+        sources=lambda c: readers.recbole_files(c["data_dir"], _need(c, "folder"), c.get("atomic_name")),
+        args=("folder", "atomic_name", "title_field"),
+    ),
     "synthetic": Reader(
         read=lambda c: simulate(name=c["name"], **(c.get("simulator") or {})),
         sources=lambda c: [],
@@ -90,7 +99,7 @@ def _describe(stats: dict) -> str:
 
 
 def load_dataset(cfg: Mapping, cache_dir: str | Path | None = None) -> InteractionData:
-    """Read (or take from the cache), preprocess and validate a dataset, then sample users if asked.
+    """Read (or take from the cache), preprocess and validate a dataset: always the whole dataset.
 
     `cfg` is the ``dataset`` config node (dict or DictConfig). ``cache_dir=None`` disables the cache.
     ``data_dir`` null falls back to :func:`default_data_dir`. Raises ValueError for an unknown reader or
@@ -130,9 +139,4 @@ def load_dataset(cfg: Mapping, cache_dir: str | Path | None = None) -> Interacti
 
     data = load_or_build(cache_dir, cfg["name"], reader_name, settings, reader.sources(cfg), build)
     log.info("dataset %s: processed %s", cfg["name"], _describe(data.stats()))
-    n = cfg.get("sample_users")
-    if n is not None:
-        seed = cfg.get("sample_seed")
-        data = sample_users(data, int(n), 0 if seed is None else int(seed))
-        log.info("dataset %s: sampled %s", cfg["name"], _describe(data.stats()))
     return data

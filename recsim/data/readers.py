@@ -371,3 +371,111 @@ def read_amazon2014_staged(data_dir: str | Path, folder: str) -> InteractionData
     return InteractionData(
         name=folder, interactions=interactions, items=items, meta={"reader": "amazon2014_staged", "folder": folder}
     )
+
+
+# -------------------------------------------------------------------------------- RecBole atomic files
+
+RECBOLE_HINT = (
+    "write RecBole atomic files <data_dir>/<folder>/<name>.inter and <name>.item: tab-separated, first line a "
+    "typed header such as user_id:token<TAB>item_id:token<TAB>rating:float<TAB>timestamp:float (.inter) and "
+    "item_id:token<TAB>title:token_seq (.item); see https://recbole.io/docs/user_guide/data/atomic_files.html"
+)
+RECBOLE_INTER_FIELDS = ("user_id", "item_id", "timestamp")  # rating is optional: NaN without it
+
+
+def recbole_files(data_dir: str | Path, folder: str, name: str | None = None) -> list[Path]:
+    """``<data_dir>/<folder>/<name>.inter`` and ``.item``; ``name`` defaults to ``folder`` (RecBole's layout)."""
+    directory = Path(data_dir) / folder
+    stem = name or folder
+    return [directory / f"{stem}.inter", directory / f"{stem}.item"]
+
+
+def _read_atomic(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
+    """Header fields (name -> column, the ``:type`` suffix dropped) and (line number, cells) per data row.
+
+    Lines are split on tabs only, with no quoting (RecBole's own reader does the same), so titles may hold
+    commas and quotes. A row with another number of cells than the header is an error.
+    """
+    if not path.is_file():
+        raise _error(path, "file not found", RECBOLE_HINT)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise _error(path, f"not UTF-8 text ({exc})", RECBOLE_HINT)
+    if not lines or not lines[0].strip():
+        raise _error(path, "empty file, no header", RECBOLE_HINT, 1)
+    header = lines[0].split("\t")
+    columns = {cell.split(":", 1)[0].strip(): i for i, cell in enumerate(header)}
+    for name in required:
+        if name not in columns:
+            raise _error(path, f"header lacks a field (has {list(columns)})", RECBOLE_HINT, 1, name)
+    rows = []
+    for lineno, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) != len(header):
+            problem = f"{len(cells)} tab-separated cells, the header has {len(header)}"
+            raise _error(path, problem, RECBOLE_HINT, lineno)
+        rows.append((lineno, cells))
+    return columns, rows
+
+
+def _number(path: Path, text: str, lineno: int, field: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _error(path, f"{text!r} is not a number", RECBOLE_HINT, lineno, field) from None
+    if not math.isfinite(value):
+        raise _error(path, f"{text!r} is not a finite number", RECBOLE_HINT, lineno, field)
+    return value
+
+
+def read_recbole(
+    data_dir: str | Path, folder: str, name: str | None = None, title_field: str = "title"
+) -> InteractionData:
+    """RecBole atomic files ``<folder>/<name>.inter`` + ``<name>.item`` -> the canonical tables.
+
+    ``.inter`` needs ``user_id``, ``item_id``, ``timestamp`` (``rating`` is read when present; other fields,
+    whatever their type, are ignored). ``timestamp:float`` values become int64 seconds (a fractional part is
+    dropped; ties then keep file order). ``.item`` needs ``item_id`` and ``title_field`` (``title:token_seq``
+    or ``title:token``; the text is kept as written). As for the JSON sources the items table has one row per
+    interacted item, in order of first occurrence, and an item without an ``.item`` row gets an empty title
+    (preprocessing's ``drop_untitled`` decides); the first ``.item`` row of a repeated id wins.
+    """
+    inter_path, item_path = recbole_files(data_dir, folder, name)
+    columns, rows = _read_atomic(inter_path, RECBOLE_INTER_FIELDS)
+    users, items, stamps, ratings = [], [], [], []
+    has_rating = "rating" in columns
+    for lineno, cells in rows:
+        for field in ("user_id", "item_id"):
+            if not cells[columns[field]].strip():
+                raise _error(inter_path, "empty value", RECBOLE_HINT, lineno, field)
+        users.append(cells[columns["user_id"]].strip())
+        items.append(cells[columns["item_id"]].strip())
+        stamps.append(int(_number(inter_path, cells[columns["timestamp"]].strip(), lineno, "timestamp")))
+        rating = cells[columns["rating"]].strip() if has_rating else None
+        ratings.append(math.nan if rating is None else _number(inter_path, rating, lineno, "rating"))
+    interactions = pd.DataFrame(
+        {
+            "user_id": pd.Series(users, dtype="str"),
+            "item_id": pd.Series(items, dtype="str"),
+            "timestamp": np.asarray(stamps, dtype=np.int64),
+            "rating": np.asarray(ratings, dtype=np.float64),
+        }
+    )
+    item_columns, item_rows = _read_atomic(item_path, ("item_id", title_field))
+    titles: dict[str, str] = {}
+    for lineno, cells in item_rows:
+        item = cells[item_columns["item_id"]].strip()
+        if not item:
+            raise _error(item_path, "empty value", RECBOLE_HINT, lineno, "item_id")
+        titles.setdefault(item, cells[item_columns[title_field]])
+    order = _item_order(interactions)
+    frame = _items_frame([{"item_id": i, "title": titles.get(i, "")} for i in order], ["item_id", "title"])
+    return InteractionData(
+        name=name or folder,
+        interactions=interactions,
+        items=frame,
+        meta={"reader": "recbole", "folder": folder, "items_without_meta": sum(i not in titles for i in order)},
+    )

@@ -68,37 +68,126 @@ class SequentialRecommender(nn.Module, abc.ABC):
         self.num_items = new_num_items
 
 
+NORMS = ("pre", "post")
+POSITIONS = ("from_newest", "from_oldest")
+INITS = ("torch", "normal")
+ACTIVATIONS = ("relu", "gelu")
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"backbone.{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
 class SASRec(SequentialRecommender):
     """Self-attentive sequential recommendation (Kang & McAuley, ICDM 2018, arXiv:1808.09781).
 
-    Item + learned position embeddings, causal self-attention blocks (pre-layernorm, point-wise
-    feed-forward of width ``hidden`` as in the paper), a final layernorm; the user vector is the output
-    at the last position. Positions are counted from the right (the newest item always gets position
-    ``max_len - 1``, as in the paper's left-padded inputs), and padded keys are masked, so extra left
-    padding changes nothing. Histories longer than ``max_len`` keep their newest ``max_len`` items.
+    Item + learned position embeddings, causal self-attention blocks, the user vector is the output at
+    the last position. Padded keys are masked, so extra left padding changes nothing; histories longer
+    than ``max_len`` keep their newest ``max_len`` items. The paper leaves open, and implementations
+    differ on, the choices below; each is an argument. The constructor defaults reproduce recsim's
+    earlier block (the paper's TF code as ``nn.TransformerEncoderLayer`` builds it), so callers that
+    pass only the first six arguments (EvoRec's Forget filter) get the model they had;
+    ``conf/backbone/sasrec.yaml`` selects RecBole's SASRec, the reference a reviewer runs:
+
+    ==================  ==========================================  =========================================
+    argument            default (paper code / earlier recsim)        RecBole ``SASRec.yaml``
+    ==================  ==========================================  =========================================
+    inner_size          ``hidden`` (FFN as wide as the embedding)    256
+    activation          relu                                         gelu (erf form, = torch's "gelu")
+    norm                pre: LN before each sub-layer + a final LN   post: LN(x + sublayer(x)), LN on the
+                                                                     embedding sum, no final LN (BERT)
+    layer_norm_eps      1e-5                                         1e-12
+    emb_scale           True: item embedding * sqrt(hidden)          False
+    dropout             one rate for everything                      hidden_dropout_prob 0.5
+    attn_dropout        None = ``dropout``                           attn_dropout_prob 0.5
+    inner_dropout       True: also drop inside the FFN (torch)       False
+    positions           from_newest: newest item = ``max_len - 1``   from_oldest: oldest item in the window
+                                                                     = 0 (RecBole pads on the right)
+    init                torch: torch's layer defaults                normal: N(0, 0.02) on every Linear and
+                                                                     Embedding weight, zero biases
+    ==================  ==========================================  =========================================
+
+    Both pads keep row 0 of the item table at zero and score it -inf (RecBole leaves a random row 0 in
+    its softmax; one column of 12k, negligible).
     """
 
-    def __init__(self, num_items, hidden=64, layers=2, heads=2, dropout=0.2, max_len=50):
+    def __init__(
+        self,
+        num_items,
+        hidden=64,
+        layers=2,
+        heads=2,
+        dropout=0.2,
+        max_len=50,
+        *,
+        inner_size: int | None = None,
+        activation: str = "relu",
+        norm: str = "pre",
+        layer_norm_eps: float = 1e-5,
+        emb_scale: bool = True,
+        attn_dropout: float | None = None,
+        inner_dropout: bool = True,
+        positions: str = "from_newest",
+        init: str = "torch",
+    ):
+        for name, value, allowed in (("norm", norm, NORMS), ("positions", positions, POSITIONS),
+                                     ("init", init, INITS), ("activation", activation, ACTIVATIONS)):
+            _check_choice(name, value, allowed)
         super().__init__(num_items, hidden)
         self.heads, self.max_len = heads, max_len
+        self.emb_scale, self.positions = emb_scale, positions
         self.pos_emb = nn.Embedding(max_len, hidden)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(
-                hidden, heads, dim_feedforward=hidden, dropout=dropout, batch_first=True, norm_first=True
+                hidden, heads, dim_feedforward=inner_size or hidden, dropout=dropout, activation=activation,
+                layer_norm_eps=layer_norm_eps, batch_first=True, norm_first=norm == "pre",
             )
             for _ in range(layers)
         )
-        self.norm = nn.LayerNorm(hidden)
+        for block in self.blocks:
+            # torch's layer uses `dropout` on the attention weights too and drops out inside the FFN;
+            # RecBole has a separate attention rate and no dropout between the FFN's two layers
+            block.self_attn.dropout = dropout if attn_dropout is None else float(attn_dropout)
+            if not inner_dropout:
+                block.dropout = nn.Identity()
+        # pre-LN needs a final LN (the residual stream is never normalised); post-LN normalises the input sum
+        self.input_norm = nn.LayerNorm(hidden, eps=layer_norm_eps) if norm == "post" else nn.Identity()
+        self.norm = nn.LayerNorm(hidden, eps=layer_norm_eps) if norm == "pre" else nn.Identity()
+        if init == "normal":
+            self._init_normal(0.02)
+
+    @torch.no_grad()
+    def _init_normal(self, std: float) -> None:
+        """RecBole/BERT init: every Linear and Embedding weight ~ N(0, std), biases 0, LayerNorm (1, 0)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.MultiheadAttention):  # q, k, v live in one packed parameter
+                nn.init.normal_(module.in_proj_weight, std=std)
+                nn.init.zeros_(module.in_proj_bias)
+        self.item_emb.weight[0].zero_()
+
+    def _positions(self, history: torch.Tensor) -> torch.Tensor:
+        """Position ids ``[B, L]`` (or ``[L]``) of a left-padded history, both counted so padding cannot shift them."""
+        L = history.shape[1]
+        if self.positions == "from_newest":
+            return torch.arange(self.max_len - L, self.max_len, device=history.device)  # [L]
+        # the k-th real item (0-based, oldest first) gets id k; padded slots get 0 and are never attended to
+        return ((history != 0).long().cumsum(1) - 1).clamp(min=0)  # [B, L]
 
     def encode(self, history: torch.Tensor) -> torch.Tensor:
         """Per-position outputs ``[B, L, D]``; position t only sees items at positions <= t."""
         history = history[:, -self.max_len :]  # [B, L]
         B, L = history.shape
-        positions = torch.arange(self.max_len - L, self.max_len, device=history.device)  # [L]
-        x = self.item_emb(history) * self.hidden**0.5 + self.pos_emb(positions)  # [B, L, D]
-        x = self.dropout(x)
+        x = self.item_emb(history)  # [B, L, D]
+        if self.emb_scale:
+            x = x * self.hidden**0.5
+        x = self.dropout(self.input_norm(x + self.pos_emb(self._positions(history))))  # [B, L, D]
         # blocked[b, q, k]: query q may not look at key k (the future, or padding). Every query may
         # see itself so padded rows never become all -inf (NaN); real rows never see padded keys.
         ones = torch.ones(L, L, dtype=torch.bool, device=history.device)
@@ -120,12 +209,19 @@ class GRU4Rec(SequentialRecommender):
     Like most reimplementations (e.g. Tan et al. 2016, RecBole) it feeds item embeddings rather than
     one-hot vectors and trains on whole-catalogue scores; the user vector is the top layer's last
     hidden state. Histories are packed by length, so padding never enters the recurrence.
+
+    ``gru_hidden=None`` (default, earlier recsim) gives the GRU the embedding width and uses its state
+    directly; a width (RecBole: 128 for 64-wide embeddings) adds RecBole's linear map from the state back
+    to the embedding width. ``gru_bias`` (RecBole: False) toggles the GRU's bias terms.
     """
 
-    def __init__(self, num_items, hidden=64, layers=1, dropout=0.2):
+    def __init__(self, num_items, hidden=64, layers=1, dropout=0.2, *, gru_hidden: int | None = None,
+                 gru_bias: bool = True):
         super().__init__(num_items, hidden)
         self.dropout = nn.Dropout(dropout)
-        self.gru = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
+        width = gru_hidden or hidden
+        self.gru = nn.GRU(hidden, width, num_layers=layers, bias=gru_bias, batch_first=True)
+        self.proj = nn.Linear(width, hidden) if gru_hidden else nn.Identity()
 
     def user_repr(self, history: torch.Tensor) -> torch.Tensor:
         B, L = history.shape
@@ -137,8 +233,8 @@ class GRU4Rec(SequentialRecommender):
         packed = nn.utils.rnn.pack_padded_sequence(
             x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )
-        _, h = self.gru(packed)  # h: [layers, B, D]
-        return h[-1]  # [B, D]
+        _, h = self.gru(packed)  # h: [layers, B, H]
+        return self.proj(h[-1])  # [B, D]
 
 
 class BPRMF(SequentialRecommender):
@@ -147,6 +243,8 @@ class BPRMF(SequentialRecommender):
     Instead of a learned per-user row, the user vector is the mean embedding of the history's items
     (an item-based, FISM-like factorisation). This lets BPR-MF score users never seen in training and
     turns it into an order-free baseline and filter over any sequence, with no user table to grow.
+    This deliberately differs from RecBole's ``BPR`` (a learned user table, embedding_size 64, trained
+    with one uniform negative): a user table cannot score a stage's new users nor follow their history.
     """
 
     def __init__(self, num_items, hidden=64):
@@ -158,7 +256,8 @@ class BPRMF(SequentialRecommender):
 
 
 def collate_samples(samples: list[Sample], max_len: int) -> dict[str, torch.Tensor]:
-    """Batch samples: the newest ``max_len`` history items, left-padded with 0 to ``max_len``."""
+    """Batch samples: the newest ``max_len`` history items, left-padded with 0 to ``max_len``, plus target,
+    user and the target's position in the user's sequence (-1 when unknown)."""
     history = torch.zeros(len(samples), max_len, dtype=torch.long)  # [B, max_len]
     for row, sample in enumerate(samples):
         items = sample.history[-max_len:] if max_len > 0 else ()
@@ -168,4 +267,6 @@ def collate_samples(samples: list[Sample], max_len: int) -> dict[str, torch.Tens
         "history": history,
         "target": torch.tensor([s.target for s in samples], dtype=torch.long),  # [B]
         "user": torch.tensor([s.user for s in samples], dtype=torch.long),  # [B]
+        # where the target sits in the user's full sequence: validation masks everything before it
+        "position": torch.tensor([s.position for s in samples], dtype=torch.long),  # [B]
     }
