@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from recsim.data.cache import DATA_FORMAT_VERSION, cache_key, load_or_build
+from recsim.data.cache import (DATA_FORMAT_VERSION, MEMO_FILE, cache_key, content_hash, drop_path_keys, load_or_build,
+                               package_hash)
 from recsim.data.load import READERS, Reader, default_data_dir, load_dataset
 from recsim.data.schema import InteractionData
 from recsim.data.synthetic import simulate
@@ -53,7 +54,7 @@ def counting(monkeypatch):
 
 
 def entries(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.iterdir())
+    return sorted(p for p in cache_dir.iterdir() if p.name != MEMO_FILE)
 
 
 def test_second_load_skips_the_reader(tmp_path, counting):
@@ -84,11 +85,82 @@ def test_settings_and_source_changes_give_new_entries(tmp_path, counting):
     assert len(entries(cache)) == 2 and len(counting) == 2
     reviews = data_dir / "reviews_Tiny_5.json.gz"
     info = reviews.stat()
-    os.utime(reviews, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))  # "edited" source
+    os.utime(reviews, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))  # touched, same bytes
+    load_dataset(tiny_cfg(data_dir), cache_dir=cache)
+    assert len(entries(cache)) == 2 and len(counting) == 2  # the key is the content, not the mtime
+    moved = tmp_path / "elsewhere" / "raw"
+    shutil.copytree(data_dir, moved)  # the same bytes in another folder: the same entry
+    load_dataset(tiny_cfg(moved), cache_dir=cache)
+    assert len(entries(cache)) == 2 and len(counting) == 2
+    blob = bytearray(reviews.read_bytes())
+    blob[4] ^= 1  # one byte of the gzip header's MTIME field: other bytes, the same decompressed rows
+    reviews.write_bytes(bytes(blob))
     load_dataset(tiny_cfg(data_dir), cache_dir=cache)
     assert len(entries(cache)) == 3 and len(counting) == 3
     load_dataset(tiny_cfg(data_dir, sample_users=2, sample_seed=5), cache_dir=cache)  # sampling is after the cache
     assert len(entries(cache)) == 3 and len(counting) == 3
+
+
+def test_content_hash_is_memoised_by_path_size_mtime(tmp_path, monkeypatch):
+    source, memo = tmp_path / "a.csv", tmp_path / "cache"
+    source.write_bytes(b"abc")
+    # sha256("abc"), the FIPS 180-2 test vector
+    assert content_hash(source, memo) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    key = next(iter(json.loads((memo / MEMO_FILE).read_text())))
+    assert key.endswith(f"|3|{source.stat().st_mtime_ns}")
+    monkeypatch.setattr("recsim.data.cache._MEMO", {})  # a new process: only the memo file is left
+    (memo / MEMO_FILE).write_text(json.dumps({key: "from-the-memo"}))
+    assert content_hash(source, memo) == "from-the-memo"  # the file was not read again
+    source.write_bytes(b"abcd")  # new size: hashed again
+    assert content_hash(source, memo) == "88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589"
+
+
+def test_package_hash_follows_the_sources(tmp_path):
+    pkg = tmp_path / "recsim"
+    shutil.copytree(Path(__file__).parents[1] / "recsim", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = package_hash(pkg)
+    (pkg / "notes.txt").write_text("not a source")  # neither .py nor .yaml
+    assert package_hash(pkg) == before
+    runner = pkg / "runner.py"
+    runner.write_text(runner.read_text() + "\n# edited\n")
+    assert package_hash(pkg) != before
+    runner.write_text(runner.read_text().replace("\n# edited\n", ""))
+    assert package_hash(pkg) == before
+    (pkg / "conf" / "method" / "new.yaml").write_text("name: new\n")
+    assert package_hash(pkg) != before
+
+
+def test_drop_path_keys():
+    assert drop_path_keys({"data_dir": "/a", "k": [{"cache_dir": 1, "v": 2}], "tokenizer_path": None, "n": 1}) == \
+        {"k": [{"v": 2}], "n": 1}
+
+
+def _base_key(data_dir: Path, cache: Path, *extra):
+    from conftest import compose
+    from recsim.runner import _shared_base_dir
+
+    class Method:
+        shares_base_stage = True
+
+    cfg = compose(["dataset=beauty", f"dataset.data_dir={data_dir}", "dataset.folder=staged",
+                   f"paths.cache_dir={cache}", *extra])
+    return _shared_base_dir(cfg, Method()).name
+
+
+def test_shared_stage0_key_follows_data_content_and_code_not_paths(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "staged").mkdir(parents=True)
+    (data / "staged" / "interactions.csv.gz").write_bytes(b"user_id,item_id,timestamp\n1,2,3\n")
+    (data / "staged" / "items.csv.gz").write_bytes(b"item_id,title\n2,A\n")
+    key = _base_key(data, tmp_path / "cache")
+    moved = tmp_path / "copy" / "data"
+    shutil.copytree(data, moved)
+    assert _base_key(moved, tmp_path / "cache2") == key  # the same bytes elsewhere, another cache root
+    assert _base_key(data, tmp_path / "cache", "seed=2") != key
+    (moved / "staged" / "items.csv.gz").write_bytes(b"item_id,title\n2,B\n")  # one byte differs
+    assert _base_key(moved, tmp_path / "cache") != key
+    monkeypatch.setattr("recsim.data.cache.package_hash", lambda: "edited sources")
+    assert _base_key(data, tmp_path / "cache") != key
 
 
 def test_cache_key_covers_format_version(monkeypatch):
@@ -146,7 +218,7 @@ def test_no_cache_dir_means_no_cache(tmp_path, counting):
 
 
 def test_unknown_reader_lists_valid_ones():
-    with pytest.raises(ValueError, match="amazon2014_staged, amazon2018, mcauley2014, synthetic"):
+    with pytest.raises(ValueError, match="amazon2014_staged, amazon2018, mcauley2014, (recbole, )?synthetic"):
         load_dataset({"name": "x", "reader": "movielens"})
 
 
@@ -163,8 +235,9 @@ def test_missing_source_through_load_dataset(tmp_path):
 
 
 def test_sampling_after_cache(tmp_path):
+    # load_dataset always returns the whole dataset; the protocol applies sample_users (recsim.protocols.prepare)
     data = load_dataset(tiny_cfg(RAW / "mcauley2014", sample_users=2, sample_seed=3), cache_dir=tmp_path)
-    assert data.interactions["user_id"].nunique() == 2
+    assert data.interactions["user_id"].nunique() == 4
     (entry,) = entries(tmp_path)
     assert json.loads((entry / "stats.json").read_text())["users"] == 4  # the cache holds all users
 

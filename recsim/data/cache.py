@@ -4,8 +4,11 @@ Layout: ``<cache_dir>/<name>-<key>/`` holding ``interactions.parquet``, ``items.
 ``ground_truth.parquet`` (synthetic data only), ``stats.json`` and ``meta.json``.
 
 The key is a hash of everything that can change the result: the reader name and its arguments, the
-preprocessing settings, :data:`DATA_FORMAT_VERSION` and each source file's name, size and mtime. Editing
-or replacing a source file therefore gives a new key; the old directory is simply left behind.
+preprocessing settings, :data:`DATA_FORMAT_VERSION` and each source file's name and sha256 of its bytes.
+Editing or replacing a source file therefore gives a new key (the old directory is simply left behind),
+while a copy of the data folder elsewhere, or a file touched without changing it, keeps it. Hashing reads
+every byte, so each hash is memoised by (absolute path, size, mtime) in the process and in
+``<cache_dir>/content_hashes.json``: a repeat run only stats the files.
 
 Writes are atomic: the tables go to a temporary directory beside the target, which is then renamed into
 place, so an interrupted run never leaves a half-written entry under the final name. On load the row
@@ -39,27 +42,93 @@ DATA_FORMAT_VERSION = 1
 TABLES = ("interactions", "items", "ground_truth")
 
 
-def fingerprint(paths: Iterable[str | Path]) -> list[dict]:
-    """Name, size and mtime of each source (a missing file is recorded as such, and will fail to read)."""
+_MEMO: dict[str, str] = {}  # "path|size|mtime_ns" -> sha256, for this process
+MEMO_FILE = "content_hashes.json"
+
+
+def _stat_key(path: Path) -> str:
+    info = path.stat()
+    return f"{path.resolve()}|{info.st_size}|{info.st_mtime_ns}"
+
+
+def content_hash(path: str | Path, memo_dir: str | Path | None = None) -> str:
+    """sha256 of the file's bytes, memoised by (absolute path, size, mtime) in the process and, with
+    `memo_dir`, in ``<memo_dir>/content_hashes.json`` (a memo: losing or racing on it only costs a re-hash)."""
+    path = Path(path)
+    key = _stat_key(path)
+    if key in _MEMO:
+        return _MEMO[key]
+    memo_path = Path(memo_dir) / MEMO_FILE if memo_dir is not None else None
+    memo = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}  # a damaged memo is rebuilt
+    if key not in memo:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        memo[key] = digest.hexdigest()
+        if memo_path is not None:
+            try:
+                memo_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = memo_path.with_name(f".{MEMO_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+                tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
+                os.replace(tmp, memo_path)
+            except OSError as exc:
+                warnings.warn(f"could not write the content-hash memo {memo_path}: {exc}")
+    _MEMO[key] = memo[key]
+    return memo[key]
+
+
+def fingerprint(paths: Iterable[str | Path], memo_dir: str | Path | None = None) -> list[dict]:
+    """Name and content hash of each source (a missing file is recorded as such, and will fail to read).
+    The folder is left out on purpose: the same bytes elsewhere are the same data."""
     out = []
     for path in map(Path, paths):
         if path.is_file():
-            info = path.stat()
-            out.append({"file": path.name, "size": info.st_size, "mtime_ns": info.st_mtime_ns})
+            out.append({"file": path.name, "sha256": content_hash(path, memo_dir)})
         else:
             out.append({"file": path.name, "missing": True})
     return out
 
 
-def cache_key(reader: str, settings: dict, sources: Iterable[str | Path]) -> str:
+def cache_key(reader: str, settings: dict, sources: Iterable[str | Path], memo_dir: str | Path | None = None) -> str:
     material = {
         "reader": reader,
         "settings": settings,
         "format": DATA_FORMAT_VERSION,
-        "sources": fingerprint(sources),
+        "sources": fingerprint(sources, memo_dir),
     }
     blob = json.dumps(material, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# keys that say where something is, never what it is: left out of every cache key
+PATH_KEYS = frozenset({"data_dir", "cache_dir", "output_dir", "tokenizer_path"})
+
+
+def drop_path_keys(value):
+    """`value` (plain dicts and lists) without any PATH_KEYS entry, at any depth."""
+    if isinstance(value, dict):
+        return {k: drop_path_keys(v) for k, v in value.items() if k not in PATH_KEYS}
+    if isinstance(value, list):
+        return [drop_path_keys(v) for v in value]
+    return value
+
+
+def package_hash(root: str | Path | None = None) -> str:
+    """sha256 over the recsim package's sources: every .py and .yaml under `root` (default: the installed
+    package), in sorted order of their paths relative to it, each path followed by its bytes. A key that
+    includes it changes with any code or config edit, unlike a version string nobody bumps."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def cache_path(cache_dir: str | Path, name: str, key: str) -> Path:
@@ -164,7 +233,7 @@ def load_or_build(
     """
     if cache_dir is None:
         return build()
-    directory = cache_path(cache_dir, name, cache_key(reader, settings, sources))
+    directory = cache_path(cache_dir, name, cache_key(reader, settings, sources, memo_dir=cache_dir))
     data = load(directory)
     if data is not None:
         data.meta = {**data.meta, "cache": str(directory), "cache_hit": True}

@@ -103,27 +103,48 @@ class LLMRecommender:
 class SequentialRecommender:
     """SASRec / GRU4Rec / BPR-MF on the same protocol; scores by dot product, can rank the whole catalogue.
 
-    Their schedule (lr, epochs, batch size) lives in the backbone config: it has nothing in common with
-    an LLM's LoRA schedule.
+    Their schedule (lr, epochs, batch size, gradient clipping, early stopping) lives in the backbone
+    config: it has nothing in common with an LLM's LoRA schedule. Every backbone key that names an
+    argument of the model's constructor is passed to it (the others drive training).
+    ``backbone.early_stopping: {metric, patience, max_epochs}`` (null: off, train ``epochs``) trains up to
+    ``max_epochs``, validating after every epoch; the runner passes the validation samples and
+    :meth:`callbacks` to the Trainer.
     """
 
     kind = "sequential"
     can_rank_all = True
 
     def __init__(self, cfg, data: EncodedData, seed: int):
+        import inspect
+
         from recsim.models.sequential import collate_samples
-        from recsim.models.sequential_module import SequentialRecModule, build_sequential
+        from recsim.models.sequential_module import MODELS, SequentialRecModule, build_sequential
 
         bb = cfg.backbone
         self.cfg = cfg
         self._collate = collate_samples
-        args = {k: bb[k] for k in ("hidden", "layers", "heads", "dropout", "max_len") if k in bb}
+        if bb.model not in MODELS:
+            raise ValueError(f"backbone.model={bb.model!r}: valid sequential models are {sorted(MODELS)}")
+        accepted = set(inspect.signature(MODELS[bb.model]).parameters) - {"num_items"}
+        args = {k: bb[k] for k in accepted if k in bb}
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = build_sequential(bb.model, data.num_items, **args)
-        self.module = SequentialRecModule(model, loss=bb.loss, lr=bb.lr, weight_decay=bb.weight_decay, seed=seed)
+        stop = bb.get("early_stopping")
+        self.module = SequentialRecModule(
+            model, loss=bb.loss, lr=bb.lr, weight_decay=bb.weight_decay, seed=seed,
+            valid_metric=stop.metric if stop else "MRR@10", grad_clip=bb.get("grad_clip"),
+            seen_sequences=data.sequences,
+        )
         self.initial = {k: v.clone() for k, v in self.module.state_dict().items()}
         self.loss_terms: list = []
+
+    def callbacks(self) -> list:
+        """Fresh Lightning callbacks for one fit: early stopping + best-epoch restore, or [] when off."""
+        from recsim.models.sequential_module import early_stopping_callbacks
+
+        stop = self.cfg.backbone.get("early_stopping")
+        return early_stopping_callbacks(stop.metric, stop.patience) if stop else []
 
     @property
     def history_shown(self) -> int | None:
@@ -132,7 +153,9 @@ class SequentialRecommender:
 
     def schedule(self, stage_index: int):
         bb = self.cfg.backbone
-        return OmegaConf.create({"lr": bb.lr, "epochs": bb.epochs, "max_steps": None}), bb.batch_size
+        stop = bb.get("early_stopping")
+        epochs = stop.max_epochs if stop else bb.epochs  # with early stopping, epochs is only an upper bound
+        return OmegaConf.create({"lr": bb.lr, "epochs": epochs, "max_steps": None}), bb.batch_size
 
     def collate(self, samples):
         return self._collate(samples, self.cfg.backbone.max_len)
@@ -167,7 +190,16 @@ class SequentialRecommender:
         return self.module.score_all(self._histories(samples)).double().cpu().numpy()
 
     def save(self, folder: Path) -> None:
-        torch.save(self.module.state_dict(), folder / "model.pt")
+        """safetensors, not pickle: a run folder from elsewhere holds data only, never code to run on resume."""
+        import safetensors.torch
+
+        safetensors.torch.save_model(self.module, str(folder / "model.safetensors"))  # de-duplicates tied weights
 
     def load(self, folder: Path) -> None:
-        self.module.load_state_dict(torch.load(folder / "model.pt"))
+        import safetensors.torch
+
+        path = folder / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (a model.pt from an older recsim is never unpickled): "
+                                    f"delete {folder} to recompute that stage")
+        safetensors.torch.load_model(self.module, str(path), device=str(next(self.module.parameters()).device))

@@ -1,0 +1,71 @@
+"""The one place a Lightning Trainer is built: every fit in recsim (stage training, extra fits of a
+method, EvoRec's filter) reads its device and numerics settings from `cfg.trainer` through here.
+
+Keys of `conf/trainer/default.yaml` read here, each with a default so a config written before it still
+works: accelerator (auto), devices (1), strategy (auto), num_nodes (1), precision (null: bf16-mixed when
+the fit runs on a GPU, 32-true on CPU), deterministic (true), gradient_clip_val (null), accumulate_grad_batches
+(1), compile (false), progress_bar (false).
+
+`compile: true` compiles the LightningModule's `model` sub-module (the network its training_step calls;
+the module itself when it has none) in place with `nn.Module.compile`, at the Trainer's setup. In place,
+so parameter names and saved state dicts stay as they are (torch.compile's wrapper would prefix them with
+`_orig_mod.`). Off by default: each fresh Trainer recompiles, which costs minutes for an LLM and gains
+nothing on the short CPU fits of tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning
+import torch
+
+DEFAULTS = {"accelerator": "auto", "devices": 1, "strategy": "auto", "num_nodes": 1, "precision": None,
+            "deterministic": True, "gradient_clip_val": None, "accumulate_grad_batches": 1, "compile": False,
+            "progress_bar": False}
+
+
+def uses_gpu(accelerator: str) -> bool:
+    """Whether a fit with this accelerator runs on a CUDA GPU (auto: when one is present)."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def default_precision(accelerator: str) -> str:
+    # bf16 autocast halves activation memory on GPUs; on CPU it is slower than fp32 and less exact
+    return "bf16-mixed" if uses_gpu(accelerator) else "32-true"
+
+
+class CompileModel(lightning.Callback):
+    """Compile the module's network in place once, when the Trainer sets it up (see the module doc)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        net = getattr(pl_module, "model", None)
+        net = net if isinstance(net, torch.nn.Module) else pl_module
+        if getattr(net, "_compiled_call_impl", None) is None:  # a module fitted twice compiles once
+            net.compile()
+
+
+def build_trainer(trainer_cfg: Mapping | None, *, max_epochs: int, max_steps: int | None = None, loggers=False,
+                  callbacks: list | None = None, enable_validation: bool = False,
+                  progress_bar: bool | None = None) -> lightning.Trainer:
+    """A fresh Trainer from `trainer_cfg` (the `trainer` config node, a dict, or None for the defaults).
+
+    `max_steps` None or <= 0: no step limit. `loggers`: False or a list of Lightning loggers.
+    `enable_validation`: run the validation loop each epoch (for early stopping); off, it never runs.
+    `progress_bar` None: `trainer_cfg.progress_bar`. Checkpointing is always off: recsim publishes its
+    own stage folders, and a callback that needs the best weights keeps them itself.
+    """
+    t = {**DEFAULTS, **{k: v for k, v in (trainer_cfg or {}).items() if k in DEFAULTS}}
+    callbacks = list(callbacks or [])
+    if t["compile"]:
+        callbacks.append(CompileModel())
+    return lightning.Trainer(
+        accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"], num_nodes=t["num_nodes"],
+        precision=t["precision"] or default_precision(t["accelerator"]), deterministic=t["deterministic"],
+        gradient_clip_val=t["gradient_clip_val"], accumulate_grad_batches=t["accumulate_grad_batches"],
+        max_epochs=int(max_epochs), max_steps=int(max_steps) if max_steps and max_steps > 0 else -1,
+        logger=loggers, callbacks=callbacks, enable_checkpointing=False, num_sanity_val_steps=0,
+        limit_val_batches=None if enable_validation else 0,
+        enable_progress_bar=bool(t["progress_bar"] if progress_bar is None else progress_bar),
+        enable_model_summary=False, log_every_n_steps=1,
+    )
