@@ -2,25 +2,38 @@
 
     python -m recsim.tables DIR [DIR ...] [--out PREFIX] [--metrics NDCG@3,HR@1,...]
                             [--stage last|all|N] [--group-by method,backbone,...]
+                            [--baseline METHOD] [--n-boot 1000]
 
 Each DIR is one run's output directory or any folder above many (a multirun sweep): every
 ``results.csv`` below it is read, unless no ``DONE`` marker sits beside it (an unfinished or crashed
 job; it is skipped and named on stderr). Tables are built from these files alone -- no W&B, no
 re-evaluation -- so a sweep can be tabulated while it is still running.
 
-``results.csv`` has one row per stage x group x metric (see REQUIRED_COLUMNS) plus ``cfg.*`` columns
-holding swept config values. Efficiency rows use group ``-`` (trainable_params, update_seconds, ...).
+``results.csv`` has one row per stage x group x metric (the schema is :mod:`recsim.results`) plus
+``cfg.*`` columns holding swept config values. Efficiency rows use group ``-`` (trainable_params, ...).
 
 Aggregation (:func:`aggregate`): rows are merged over seeds when every other column agrees, so any
 setting that differs -- a ``cfg.*`` value, the backbone, the protocol -- keeps results apart. The
-interval is mean +- t_{0.975, n-1} * sd / sqrt(n) over the n seeds (Student's t: with 3-5 seeds the
-normal 1.96 would understate the interval by 20-60%). With one seed there is no spread over seeds, so
+interval is mean +- t_{0.975, n-1} * sd / sqrt(n) over the n seeds (Student's t from scipy: with 3-5
+seeds the normal 1.96 would understate the interval by 20-60%). With one seed there is no spread over seeds, so
 the run's own percentile-bootstrap CI over users is shown instead and marked: it is narrower than a
 seed interval would be, because it ignores training noise.
 
 Outputs: ``PREFIX.csv`` (long format, every stage and metric: keys, mean, ci_low, ci_high, n_seeds,
 ci_method, ...) and ``PREFIX.md`` (one markdown table per dataset x protocol x eval_mode; printed to
 stdout too). ``--stage``, ``--metrics`` and ``--group-by`` shape the markdown only.
+
+Paired differences (``--baseline METHOD``, :func:`paired_differences`): which gaps are resolvable. Seed
+intervals over 2-3 seeds are wide; two methods evaluated on the same users and candidates can be told
+apart far more sharply by differencing per user. For each run, the baseline run of the same seed and
+setting (:data:`PAIR_KEYS` plus every cfg.* value that is not a method's) is found, both runs' per-user
+ranks (``stages/NN_name/ranks.npz``, :func:`recsim.results.load_ranks`) are turned into per-user metric
+values, and the mean of method - baseline gets a paired percentile-bootstrap 95% CI over users
+(:func:`recsim.eval.metrics.bootstrap_ci`; the same resamples for every metric). A difference is marked
+resolvable when its CI excludes 0. Several seeds: the users of all seeds are pooled into one sample
+(users x seeds rows), which is said above each table; this CI describes user sampling, not training
+noise (the seed interval of the main table does). Written to ``PREFIX_paired.csv`` and below the main
+tables in ``PREFIX.md``.
 """
 
 from __future__ import annotations
@@ -33,33 +46,28 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
-REQUIRED_COLUMNS = (
-    "dataset", "method", "backbone", "recipe", "protocol", "eval_mode", "seed", "stage",
-    "stage_name", "split", "group", "metric", "value", "ci_low", "ci_high", "n_users",
-)  # fmt: skip
+from recsim.eval.metrics import bootstrap_ci, per_user_metrics
+from recsim.results import (
+    EFFICIENCY_GROUP,
+    RANKS_FILE,
+    REQUIRED_COLUMNS,
+    ResultsFileError,  # noqa: F401  (re-exported: recsim.tables.ResultsFileError)
+    load_ranks,
+    markdown_table,
+    read_results,
+)
+
 # columns of a results.csv (plus the run dir) that are measurements, not identity
 RAW_VALUE_COLUMNS = ("seed", "value", "ci_low", "ci_high", "n_users", "run_dir")
 # columns aggregate() adds; everything else in its output is a key
 AGG_VALUE_COLUMNS = ("mean", "ci_low", "ci_high", "sd", "n_seeds", "ci_method", "seeds", "n_users")
 TABLE_KEYS = ("dataset", "protocol", "eval_mode")  # one markdown table per combination
 DEFAULT_ROW_KEYS = ("method", "backbone")  # always shown; any other key that varies is added
-EFFICIENCY_GROUP = "-"
 CI_SEEDS = "t over seeds"
 CI_BOOTSTRAP = "bootstrap over users (1 seed)"
 
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables, 4 decimals).
-# Beyond 30 the normal 1.96 is used: at df = 31 the true value is 2.040, so the interval is at most
-# 4% too narrow there, and nobody runs 32 seeds of an LLM fine-tune.
-T_975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
-)  # fmt: skip
-
-
-class ResultsFileError(ValueError):
-    """A results.csv is unreadable or lacks required columns; the message names the file."""
 
 
 class NoResultsError(FileNotFoundError):
@@ -67,10 +75,10 @@ class NoResultsError(FileNotFoundError):
 
 
 def t_quantile_975(df: int) -> float:
-    """t_{0.975, df} from :data:`T_975`, 1.96 for df > 30."""
+    """t_{0.975, df}, the two-sided 95% Student-t quantile (scipy.stats.t.ppf), for df >= 1."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    return T_975[df - 1] if df <= len(T_975) else 1.96
+    return float(stats.t.ppf(0.975, df))
 
 
 # ---------------------------------------------------------------------------------------- collect
@@ -114,32 +122,12 @@ def find_results(dirs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     return done, [r for r in ordered if r not in done]
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """One results.csv, checked for the required columns, with a ``run_dir`` column added."""
-    path = Path(path)
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ResultsFileError(f"{path}: cannot be read as CSV ({err}); truncated run?") from err
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ResultsFileError(
-            f"{path}: missing required columns {missing} (a results.csv needs {list(REQUIRED_COLUMNS)})"
-        )
-    for col in ("value", "ci_low", "ci_high", "n_users"):
-        try:
-            df[col] = pd.to_numeric(df[col])
-        except (ValueError, TypeError) as err:
-            raise ResultsFileError(f"{path}: column {col!r} is not numeric ({err})") from err
-    df["run_dir"] = str(path.parent)
-    return df
-
-
 def collect(dirs: Iterable[str | Path]) -> pd.DataFrame:
     """Every finished run's results.csv under ``dirs``, concatenated (one row per result).
 
-    See :func:`find_results` for what counts as a run. Runs without a DONE marker are skipped and listed on stderr. Raises :class:`NoResultsError` when
-    nothing finished is found and :class:`ResultsFileError` for a malformed file.
+    See :func:`find_results` for what counts as a run. Runs without a DONE marker are skipped and listed
+    on stderr. Raises :class:`NoResultsError` when nothing finished is found and
+    :class:`ResultsFileError` for a malformed file.
     """
     dirs = list(dirs)
     finished, unfinished = find_results(dirs)
@@ -312,10 +300,6 @@ def _in_order(values: Iterable, preferred: Sequence | None = None) -> list:
     return head + [v for v in seen if v not in head]
 
 
-def _md_row(cells: Iterable[str]) -> str:
-    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-
 def _unspecific(value) -> bool:
     """'-' or blank in an efficiency row: not tied to that key (eval_mode of an update, a run total)."""
     return _fmt_key(value) in ("", "-")
@@ -401,13 +385,13 @@ def _render_table(quality, efficiency, heading: str, row_keys: list[str], notes:
     lines = [f"### {heading}", ""]
     if notes:
         lines += ["; ".join(notes), ""]
-    lines.append(_md_row(row_keys + ["seeds"] + columns + eff_columns))
-    lines.append(_md_row(["---"] * (len(row_keys) + 1) + ["---:"] * (len(columns) + len(eff_columns))))
+    body = []
     for key in sorted(cells, key=_sort_key):
         n = sorted(seeds[key])
         n_text = str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
-        values = [cells[key].get(c, "-") for c in columns + eff_columns]
-        lines.append(_md_row(list(key) + [n_text] + values))
+        body.append(list(key) + [n_text] + [cells[key].get(c, "-") for c in columns + eff_columns])
+    align = "l" * (len(row_keys) + 1) + "r" * (len(columns) + len(eff_columns))
+    lines.append(markdown_table(row_keys + ["seeds"] + columns + eff_columns, body, align))
     return "\n".join(lines) + "\n"
 
 
@@ -473,6 +457,219 @@ def render_markdown(
     return "\n".join(parts)
 
 
+# ----------------------------------------------------------------------------- paired differences
+
+# a run is paired with the baseline run that agrees on these and on every cfg.* value not a method's own
+PAIR_KEYS = ("dataset", "backbone", "recipe", "protocol", "seed")
+DEFAULT_PAIRED_METRICS = ("HR@10", "NDCG@10", "MRR")
+RESOLVABLE = "✓"
+PAIRED_LEGEND = (
+    "Δ = mean over users of metric(method) − metric(baseline), with a paired percentile-bootstrap 95% CI"
+    f" over users (the same resamples for every metric). {RESOLVABLE} = resolvable: the CI excludes 0, so"
+    " the gap is larger than resampling the evaluated users explains. No mark: not resolvable with these"
+    " users, which does not show that the methods are equal."
+)
+
+
+def _is_method_key(col: str) -> bool:
+    """cfg.method (restates the method column) and cfg.method.* (that method's own settings)."""
+    return col == "cfg.method" or col.startswith("cfg.method.")
+
+
+def _run_identity(frame: pd.DataFrame) -> dict:
+    """One run's constant columns: method, the pair keys and the cfg.* values (first row)."""
+    first = frame.iloc[0]
+    cols = ["method", *PAIR_KEYS, *[c for c in frame.columns if c.startswith("cfg.")]]
+    return {c: _fmt_key(first[c]) for c in cols if c in frame}
+
+
+def _setting_label(ident: dict) -> str:
+    """'ewc' or 'ewc (method.lam=0.1)': the method and its own swept settings."""
+    own = [f"{c[4:]}={v}" for c, v in ident.items() if c.startswith("cfg.method.") and v != ""]
+    return ident["method"] + (f" ({', '.join(own)})" if own else "")
+
+
+def _pair_key(ident: dict) -> tuple:
+    keys = [c for c in ident if c in PAIR_KEYS or (c.startswith("cfg.") and not _is_method_key(c))]
+    return tuple(sorted((c, ident[c]) for c in keys))
+
+
+def stage_ranks(run_dir: str | Path) -> dict[int, Path]:
+    """{stage index: ranks.npz} of one run, from ``stages/NN_name/ranks.npz``."""
+    out = {}
+    for path in sorted(Path(run_dir).glob(f"stages/*/{RANKS_FILE}")):
+        head = path.parent.name.split("_", 1)[0]
+        if head.isdigit():
+            out[int(head)] = path
+    return out
+
+
+def _same_candidates(run_a: Path, run_b: Path) -> bool | None:
+    """Whether both runs ranked the same candidate sets (candidates.npz); None when a file is absent."""
+    a, b = Path(run_a) / "candidates.npz", Path(run_b) / "candidates.npz"
+    if not (a.is_file() and b.is_file()):
+        return None
+    with np.load(a) as x, np.load(b) as y:
+        return set(x.files) == set(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+def _aligned(users_m, ranks_m, users_b, ranks_b, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two runs' ranks on the same evaluated rows, in one order.
+
+    Same protocol and seed give the same samples in the same order: identical user arrays pair by
+    position (a user may have several targets). Otherwise users are matched by id, which needs each
+    user once in each run and the same set of users.
+    """
+    if np.array_equal(users_m, users_b):
+        return ranks_m, ranks_b
+    unique = len(np.unique(users_m)) == len(users_m) and len(np.unique(users_b)) == len(users_b)
+    if not unique or set(users_m.tolist()) != set(users_b.tolist()):
+        raise ValueError(f"{where}: the two runs evaluated different users ({len(users_m)} vs {len(users_b)} rows);"
+                         " a paired comparison needs the same users (same protocol, seed and split)")
+    order_m, order_b = np.argsort(users_m, kind="stable"), np.argsort(users_b, kind="stable")
+    return ranks_m[order_m], ranks_b[order_b]
+
+
+def _paired_ks(metrics: Sequence[str]) -> list[int]:
+    ks = set()
+    for m in metrics:
+        name, _, k = m.partition("@")
+        if m != "MRR" and not (name in ("HR", "NDCG", "Recall") and k.isdigit() and int(k) >= 1):
+            raise ValueError(f"paired metric {m!r}: per-user metrics are HR@K, NDCG@K, Recall@K and MRR")
+        if k:
+            ks.add(int(k))
+    return sorted(ks) or [1]
+
+
+def paired_differences(
+    df: pd.DataFrame,
+    baseline: str,
+    metrics: Sequence[str] = DEFAULT_PAIRED_METRICS,
+    stage: str | int = "last",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Per-user differences method - ``baseline`` with paired bootstrap CIs; (table, notes on skipped runs).
+
+    ``df``: :func:`collect`'s output (it names each run's dir). Each run whose method is not the baseline
+    is paired with the baseline run of the same :data:`PAIR_KEYS` and non-method cfg.* values; the two
+    must have ranked the same candidates (candidates.npz equal, when both exist) and the same users. The
+    stage: ``"last"`` = the highest stage both have ranks for, an int, or ``"all"``. Rows of one method
+    setting, stage, eval_mode, split and group are pooled over seeds (users x seeds rows) before the
+    bootstrap; every metric uses ``seed`` and the same n, so the same resamples. Returns one row per
+    setting x stage x eval_mode x split x group x metric: mean_diff, ci_low, ci_high, n_rows, n_users
+    (per seed, ';'-joined when seeds differ), seeds, resolvable.
+    """
+    metrics = list(metrics)
+    ks = _paired_ks(metrics)
+    runs = {run: _run_identity(frame) for run, frame in df.groupby("run_dir", sort=True)}
+    bases: dict[tuple, str] = {}
+    for run, ident in runs.items():
+        if ident["method"] == baseline:
+            bases.setdefault(_pair_key(ident), run)
+    if not bases:
+        methods = sorted({i["method"] for i in runs.values()})
+        raise ValueError(f"--baseline {baseline!r}: no run has that method; methods: {methods}")
+
+    notes: list[str] = []
+    pools: dict[tuple, dict] = {}
+    for run, ident in runs.items():
+        if ident["method"] == baseline:
+            continue
+        base = bases.get(_pair_key(ident))
+        if base is None:
+            notes.append(f"{run}: no {baseline} run with the same {', '.join(PAIR_KEYS)} and cfg.* values")
+            continue
+        if _same_candidates(Path(run), Path(base)) is False:
+            raise ValueError(f"{run} and {base} ranked different candidates (candidates.npz differ): not paired")
+        ranks_m, ranks_b = stage_ranks(run), stage_ranks(base)
+        common = sorted(set(ranks_m) & set(ranks_b))
+        if stage == "last":
+            chosen = common[-1:]
+        elif stage == "all":
+            chosen = common
+        else:
+            chosen = [int(stage)] if int(stage) in common else []
+        if not chosen:
+            notes.append(f"{run} vs {base}: no {RANKS_FILE} of stage {stage} in both (stages/NN_name/{RANKS_FILE})")
+            continue
+        for index in chosen:
+            entries_m, entries_b = load_ranks(ranks_m[index]), load_ranks(ranks_b[index])
+            stage_name = ranks_m[index].parent.name.split("_", 1)[-1]
+            for key in [k for k in entries_m if k in entries_b]:
+                where = f"{ranks_m[index]} vs {ranks_b[index]}, {key}"
+                r_m, r_b = _aligned(*entries_m[key], *entries_b[key], where)
+                values_m, values_b = per_user_metrics(r_m, ks), per_user_metrics(r_b, ks)
+                setting = (ident.get("dataset", ""), ident.get("protocol", ""), ident.get("backbone", ""),
+                           ident.get("recipe", ""), _setting_label(ident), index, stage_name, *key)
+                pool = pools.setdefault(setting, {"seeds": [], "users": [], "diff": {m: [] for m in metrics}})
+                pool["seeds"].append(ident.get("seed", ""))
+                pool["users"].append(len(r_m))
+                for m in metrics:
+                    pool["diff"][m].append(values_m[m] - values_b[m])  # [n_users] per-user paired difference
+
+    names = ("dataset", "protocol", "backbone", "recipe", "method", "stage", "stage_name",
+             "eval_mode", "split", "group")  # fmt: skip
+    rows = []
+    for setting, pool in pools.items():
+        users = sorted(set(pool["users"]))
+        for m in metrics:
+            diff = np.concatenate(pool["diff"][m])  # users of every seed pooled: [sum of n_users]
+            mean, low, high = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+            rows.append({**dict(zip(names, setting)), "baseline": baseline, "metric": m, "mean_diff": mean,
+                         "ci_low": low, "ci_high": high, "n_rows": len(diff),
+                         "n_users": ";".join(map(str, users)), "seeds": ";".join(sorted(set(pool["seeds"]))),
+                         "resolvable": bool(low > 0 or high < 0)})
+    return pd.DataFrame(rows, columns=[*names, "baseline", "metric", "mean_diff", "ci_low", "ci_high", "n_rows",
+                                       "n_users", "seeds", "resolvable"]), notes
+
+
+def _diff_cell(row: dict) -> str:
+    if pd.isna(row["mean_diff"]):
+        return "-"
+    text = f"{row['mean_diff']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
+    return text + (f" {RESOLVABLE}" if row["resolvable"] else "")
+
+
+def render_paired(diff: pd.DataFrame, baseline: str, n_boot: int = 1000, notes: Sequence[str] = ()) -> str:
+    """Markdown for :func:`paired_differences`: per dataset x protocol x backbone x recipe x stage, a header
+    saying what was compared on which data, protocol and users, the legend, and one row per method x
+    eval_mode x split x group with a Δ column per metric."""
+    lines = [f"## Paired differences vs `{baseline}`", "", PAIRED_LEGEND, ""]
+    if diff.empty:
+        lines += [f"(none: no method run could be paired with a `{baseline}` run that has {RANKS_FILE})", ""]
+    table_keys = ["dataset", "protocol", "backbone", "recipe", "stage", "stage_name"]
+    for tkey, table in diff.groupby(table_keys, sort=False):
+        info = dict(zip(table_keys, tkey))
+        seeds = sorted({s for text in table["seeds"] for s in str(text).split(";") if s}, key=_sort_key_one)
+        users = sorted({u for text in table["n_users"] for u in str(text).split(";")}, key=_sort_key_one)
+        lines += [
+            f"### {info['dataset']} · {info['protocol']} · {info['backbone']} · {info['recipe']}:"
+            f" stage {info['stage']} ({info['stage_name']}) vs `{baseline}`", "",
+            f"Compared: each method's run minus the `{baseline}` run of the same seed, dataset, backbone,"
+            f" recipe, protocol and non-method cfg.* values, on the same evaluated users and candidates"
+            f" ({RANKS_FILE} of stage {info['stage']}). {len(seeds)} seed(s) ({', '.join(seeds)}),"
+            f" {'/'.join(users)} users per seed and split/group; the users of all seeds are pooled (n ="
+            f" users x seeds) and resampled {n_boot} times.", "",
+        ]  # fmt: skip
+        metrics = list(dict.fromkeys(table["metric"]))
+        body = []
+        for rkey, group in table.groupby(["method", "eval_mode", "split", "group"], sort=False):
+            by_metric = {r["metric"]: r for r in group.to_dict("records")}
+            first = next(iter(by_metric.values()))
+            body.append([*rkey, first["n_rows"], first["seeds"].count(";") + 1 if first["seeds"] else 0]
+                        + [_diff_cell(by_metric[m]) if m in by_metric else "-" for m in metrics])
+        header = ["method", "eval_mode", "split", "group", "n", "seeds", *[f"Δ {m}" for m in metrics]]
+        lines += [markdown_table(header, body, "llllrr" + "r" * len(metrics)), ""]
+    if notes:
+        lines += ["Not compared: " + "; ".join(notes) + ".", ""]
+    return "\n".join(lines)
+
+
+def _sort_key_one(value: str) -> tuple:
+    return _sort_key((value,))
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 
@@ -499,11 +696,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", type=_parse_list, help="comma list of metrics for the markdown, in order")
     parser.add_argument("--stage", type=_parse_stage, default="last", help="markdown stage: last (default), all or N")
     parser.add_argument("--group-by", type=_parse_list, help="leading row-key columns (default method,backbone)")
+    parser.add_argument("--baseline", help="method to difference every other method against, per user (ranks.npz)")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of --baseline (default 1000)")
     args = parser.parse_args(argv)
 
+    diff = None
     try:
-        agg = aggregate(collect(args.dirs))
+        df = collect(args.dirs)
+        agg = aggregate(df)
         markdown = render_markdown(agg, metrics=args.metrics, stage=args.stage, group_by=args.group_by)
+        if args.baseline:
+            # per-user metrics only: efficiency and R-summary names in --metrics are not per user
+            wanted = [m for m in args.metrics or () if m == "MRR" or m.partition("@")[0] in ("HR", "NDCG", "Recall")]
+            diff, notes = paired_differences(df, args.baseline, wanted or DEFAULT_PAIRED_METRICS, args.stage,
+                                             n_boot=args.n_boot)
+            for note in notes:
+                print(f"recsim.tables: --baseline: {note}", file=sys.stderr)
+            markdown += "\n" + render_paired(diff, args.baseline, args.n_boot, notes)
     except (FileNotFoundError, ValueError) as err:  # NoResultsError, ResultsFileError included
         print(f"recsim.tables: error: {err}", file=sys.stderr)
         return 1
@@ -514,8 +723,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     csv_path, md_path = Path(f"{prefix}.csv"), Path(f"{prefix}.md")
     agg.to_csv(csv_path, index=False)
     md_path.write_text(markdown)
+    written = [csv_path, md_path]
+    if diff is not None:
+        written.append(Path(f"{prefix}_paired.csv"))
+        diff.to_csv(written[-1], index=False)
     print(markdown)
-    print(f"recsim.tables: wrote {csv_path} and {md_path}", file=sys.stderr)
+    print(f"recsim.tables: wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 

@@ -151,8 +151,8 @@ SCALES = {
 @pytest.fixture
 def no_plots(monkeypatch):
     """Skip matplotlib where a test does not look at the plots (keeps the file well under 20 s)."""
-    monkeypatch.setattr(reproduce, "plot_radar", lambda *a: False)
-    monkeypatch.setattr(reproduce, "plot_cost", lambda *a: False)
+    monkeypatch.setattr(reproduce.plots, "plot_radar", lambda *a: False)
+    monkeypatch.setattr(reproduce.plots, "plot_cost", lambda *a: False)
 
 
 @pytest.fixture
@@ -248,7 +248,7 @@ def test_render_paper_ours_and_delta_by_hand(experiments, tmp_path, monkeypatch)
     row = csv[(csv.run == "evo2") & (csv.group == "U_A") & (csv.metric == "NDCG@3")].iloc[0]
     assert row.paper == 0.4762 and row.recsim_mean == pytest.approx(0.5) and row.n_seeds == 3
     assert row.delta == pytest.approx(0.5 - 0.4762) and row.split == "round2"
-    assert row.recsim_ci_high - row.recsim_ci_low == pytest.approx(2 * half)
+    assert row.recsim_ci_high - row.recsim_ci_low == pytest.approx(2 * half, rel=1e-4)  # T2 has 4 decimals
     t = csv[(csv.run == "evo2") & (csv.metric == "update_seconds")].iloc[0]
     assert t.unit == "min" and t.recsim_mean == pytest.approx(3.0) and t.delta == pytest.approx(-4.9)
     for name in ("fake_radar.png", "fake_cost.png"):

@@ -1,6 +1,5 @@
 """recsim.tables on fake run directories: merge over seeds, t intervals, skipped runs, errors."""
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +10,12 @@ import pytest
 from recsim.tables import (
     CI_BOOTSTRAP,
     CI_SEEDS,
-    T_975,
     NoResultsError,
     ResultsFileError,
     aggregate,
     collect,
     render_markdown,
+    t_quantile_975,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,16 +70,13 @@ def pick(agg, **where):
     return agg[mask].iloc[0]
 
 
-def test_t_table_matches_the_t_distribution():
-    # integrate the t density over [-q, q] (Simpson's rule): it must hold 95% of the mass
-    for df in (1, 2, 5, 30):
-        q = T_975[df - 1]
-        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-        n = 20000
-        h = 2 * q / n
-        f = [c * (1 + (-q + i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
-        mass = h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-        assert mass == pytest.approx(0.95, abs=1e-4)
+def test_t_quantile_hand_values():
+    # standard t tables: t_{0.975,1} = 12.7062, t_{0.975,2} = 4.3027, t_{0.975,30} = 2.0423,
+    # t_{0.975,31} = 2.0395 (the old hard-coded table fell back to the normal 1.96 beyond df = 30)
+    for df, q in ((1, 12.7062), (2, 4.3027), (30, 2.0423), (31, 2.0395), (120, 1.9799)):
+        assert t_quantile_975(df) == pytest.approx(q, abs=1e-4), df
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile_975(0)
 
 
 def test_collect_and_aggregate(sweep, capsys):
@@ -123,7 +119,8 @@ def test_render_markdown(sweep):
 
     only = render_markdown(agg, metrics=["HR@1", "NDCG@3"], stage="all")
     header = next(line for line in only.splitlines() if line.startswith("| method"))
-    assert header == "| method | backbone | stage | stage_name | split | seeds | U_A HR@1 | U_A NDCG@3 | U_I HR@1 | U_I NDCG@3 |"
+    assert header == ("| method | backbone | stage | stage_name | split | seeds"
+                      " | U_A HR@1 | U_A NDCG@3 | U_I HR@1 | U_I NDCG@3 |")
     assert len([line for line in only.splitlines() if line.startswith("| lora")]) == 2
 
     with pytest.raises(ValueError, match="not in the results"):
@@ -259,3 +256,116 @@ def test_runner_layout(tmp_path, capsys):
     assert "recipe: candidate_ranking; stage: 1 (p1); candidates: 1+29; split: p1_test" in text
     assert "| method | backbone | seeds | all NDCG@10 | update_seconds |" in text  # cfg.method dropped
     assert text.count("| finetune | sasrec | 2 | 0.3500 ± 0.6353 | 1.50 ± 6.35 |") == 2
+
+
+# ------------------------------------------------------------------- paired differences (--baseline)
+
+from recsim.results import save_ranks  # noqa: E402
+from recsim.tables import paired_differences, render_paired  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+KEY = ("candidates", "p1_test", "all")
+
+
+def paired_run(root: Path, name: str, method: str, seed: int, users, ranks, candidates=None, lam=None) -> Path:
+    """A finished run with per-user ranks of stage 1 (stages/01_p1/ranks.npz) and its candidates.npz."""
+    d = root / name
+    (d / "stages" / "01_p1").mkdir(parents=True)
+    (d / "config.yaml").write_text(f"seed: {seed}\n")
+    row = dict(dataset="synthetic", method=method, backbone="sasrec", recipe="r", protocol="stages",
+               eval_mode="candidates", candidates="1+29", seed=seed, stage=1, stage_name="p1", split="p1_test",
+               group="all", metric="HR@1", value=float(np.mean(np.asarray(ranks) < 1)), ci_low=0.0, ci_high=1.0,
+               n_users=len(users), **{"cfg.method": method})  # fmt: skip
+    if lam is not None:
+        row["cfg.method.lam"] = lam
+    pd.DataFrame([row, {**row, "metric": "NDCG@3"}]).to_csv(d / "results.csv", index=False)  # values unused
+    (d / "DONE").write_text("")
+    np.savez(d / "candidates.npz", **{"p1_test/all": np.arange(6) if candidates is None else candidates})
+    save_ranks(d / "stages" / "01_p1" / "ranks.npz", {KEY: (users, ranks)})
+    return d
+
+
+USERS = np.arange(10)
+BASE = np.array([0, 5] * 5)  # HR@1 per user: 1, 0, 1, 0, ...
+
+
+@pytest.fixture
+def paired(tmp_path):
+    paired_run(tmp_path, "base", "base", 1, USERS, BASE)
+    paired_run(tmp_path, "same", "same", 1, USERS, BASE)  # identical ranks: a zero difference
+    # rank 0 everywhere, users stored in reverse order (paired by id): HR@1 differences 0, 1, 0, 1, ...
+    paired_run(tmp_path, "better", "better", 1, USERS[::-1], np.zeros(10, dtype=int))
+    paired_run(tmp_path, "noisy", "noisy", 1, USERS, np.array([5, 0] * 5))  # differences -1, +1, ...: mean 0
+    return tmp_path
+
+
+def test_paired_differences_mark_only_a_resolvable_gap(paired):
+    diff, notes = paired_differences(collect([paired]), "base", metrics=["HR@1", "MRR"], n_boot=1000)
+    assert notes == [] and set(diff["method"]) == {"same", "better", "noisy"}
+    get = lambda method, metric: pick(diff, method=method, metric=metric)  # noqa: E731
+
+    better = get("better", "HR@1")
+    # mean of (0, 1) x 5 = 0.5; resampling 10 users, P(mean <= 0.1) = 11 / 1024 ~ 1% < 2.5%, so ci_low >= 0.2
+    assert better["mean_diff"] == pytest.approx(0.5) and better["ci_low"] >= 0.2 and better["ci_high"] <= 0.8
+    assert better["resolvable"] and better["n_rows"] == 10 and better["seeds"] == "1"
+    # MRR: base 1 and 1/6 alternate, better is 1: differences (0, 5/6) x 5, mean 5/12
+    assert get("better", "MRR")["mean_diff"] == pytest.approx(5 / 12) and get("better", "MRR")["resolvable"]
+
+    same = get("same", "HR@1")
+    assert (same["mean_diff"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0) and not same["resolvable"]
+    noisy = get("noisy", "HR@1")
+    assert noisy["mean_diff"] == pytest.approx(0.0) and noisy["ci_low"] < 0 < noisy["ci_high"]
+    assert not noisy["resolvable"]
+
+    text = render_paired(diff, "base", 1000)
+    assert "### synthetic · stages · sasrec · r: stage 1 (p1) vs `base`" in text
+    assert "1 seed(s) (1), 10 users per seed" in text and "✓ = resolvable" in text
+    assert "| method | eval_mode | split | group | n | seeds | Δ HR@1 | Δ MRR |" in text
+    line = next(l for l in text.splitlines() if l.startswith("| better"))
+    assert line.startswith("| better | candidates | p1_test | all | 10 | 1 | +0.5000 [") and line.count("✓") == 2
+    assert "✓" not in next(l for l in text.splitlines() if l.startswith("| same"))
+    assert "✓" not in next(l for l in text.splitlines() if l.startswith("| noisy"))
+
+
+def test_paired_differences_pool_seeds_and_name_unpaired_runs(tmp_path):
+    for seed in (1, 2):
+        paired_run(tmp_path, f"base_s{seed}", "base", seed, USERS, BASE)
+        paired_run(tmp_path, f"better_s{seed}", "better", seed, USERS, np.zeros(10, dtype=int), lam=0.1)
+    paired_run(tmp_path, "better_s3", "better", 3, USERS, np.zeros(10, dtype=int), lam=0.1)  # no base of seed 3
+    diff, notes = paired_differences(collect([tmp_path]), "base", metrics=["HR@1"])
+    row = pick(diff, metric="HR@1")
+    assert row["method"] == "better (method.lam=0.1)" and row["n_rows"] == 20 and row["seeds"] == "1;2"
+    assert row["mean_diff"] == pytest.approx(0.5) and row["n_users"] == "10"
+    assert len(notes) == 1 and "better_s3" in notes[0] and "no base run" in notes[0]
+
+
+def test_paired_differences_refuse_what_is_not_paired(tmp_path):
+    paired_run(tmp_path, "base", "base", 1, USERS, BASE)
+    paired_run(tmp_path, "other_users", "m", 1, USERS + 100, BASE)
+    with pytest.raises(ValueError, match="different users"):
+        paired_differences(collect([tmp_path]), "base")
+    with pytest.raises(ValueError, match="no run has that method"):
+        paired_differences(collect([tmp_path]), "nope")
+    with pytest.raises(ValueError, match="per-user metrics are"):
+        paired_differences(collect([tmp_path]), "base", metrics=["update_seconds"])
+    (tmp_path / "other_users" / "DONE").unlink()
+    paired_run(tmp_path, "other_cands", "m", 1, USERS, BASE, candidates=np.arange(6) + 1)
+    with pytest.raises(ValueError, match="different candidates"):
+        paired_differences(collect([tmp_path]), "base")
+
+
+def test_cli_baseline(paired, tmp_path):
+    result = run_cli(paired, "--baseline", "base", "--metrics", "HR@1,NDCG@3", "--out", tmp_path / "t")
+    assert result.returncode == 0, result.stderr
+    assert "## Paired differences vs `base`" in result.stdout and "| Δ HR@1 | Δ NDCG@3 |" in result.stdout
+    csv = pd.read_csv(tmp_path / "t_paired.csv")
+    assert set(csv["metric"]) == {"HR@1", "NDCG@3"} and csv["resolvable"].sum() == 2  # better: both metrics
+    assert "Paired differences" in (tmp_path / "t.md").read_text()
+
+    bare = tmp_path / "bare"  # runs without ranks.npz: the main tables still come out, with a note
+    write_run(bare / "0", seed=1, ndcg=0.4, method="base")
+    write_run(bare / "1", seed=1, ndcg=0.5, method="lora")
+    result = run_cli(bare, "--baseline", "base")
+    assert result.returncode == 0, result.stderr
+    assert "no ranks.npz of stage last" in result.stderr and "(none: no method run could be paired" in result.stdout

@@ -114,6 +114,24 @@ def _masked_items(items: Iterable[int], target: int, width: int, row: int) -> np
     return ids
 
 
+def ranks_from_lists(lists: Sequence[Sequence[int]], positives: Sequence[int]) -> np.ndarray:
+    """0-based position of each row's positive in its generated ranked list, -1 where it is not in it.
+
+    ``lists[r]``: the item ids a model listed for row r, best first (generation mode: the valid titles it
+    wrote, mapped to items and deduplicated); ``positives[r]``: row r's target. A repeated item counts at
+    its first position. -1 rows score 0 in every metric of :func:`per_user_metrics`: a list that misses the
+    positive says nothing about where it would rank, so it gets no partial credit (no rank C, no 1/(C+1)).
+    """
+    if len(lists) != len(positives):
+        raise ValueError(f"{len(lists)} lists for {len(positives)} positives")
+    ranks = np.full(len(lists), -1, dtype=np.int64)
+    for row, (items, positive) in enumerate(zip(lists, positives)):
+        items = [int(i) for i in items]
+        if int(positive) in items:
+            ranks[row] = items.index(int(positive))
+    return ranks
+
+
 def per_user_metrics(ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
     """Per-row metric values from 0-based target ranks.
 
@@ -123,33 +141,40 @@ def per_user_metrics(ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndar
     * ``Recall@K`` = HR@K: with a single target, the share of relevant items retrieved is 0 or 1. It is
       reported under its own name only because papers do; it carries no extra information.
     * ``MRR`` = 1 / (rank + 1), not truncated at any K.
+    A rank of -1 means "not retrieved" (a generated list without the target, :func:`ranks_from_lists`):
+    every metric of that row is 0, MRR included.
     Returns {name: float64 array [n]} in the order HR@K..., NDCG@K..., Recall@K..., MRR.
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 1:
         raise ValueError(f"ranks must be 1-D, got shape {ranks.shape}")
-    if len(ranks) and (not np.issubdtype(ranks.dtype, np.integer) or ranks.min() < 0):
-        raise ValueError("ranks must be non-negative integers (0 = ranked first)")
+    if len(ranks) and (not np.issubdtype(ranks.dtype, np.integer) or ranks.min() < -1):
+        raise ValueError("ranks must be integers >= 0 (0 = ranked first), or -1 for a target that was not retrieved")
     if any(int(k) != k or k < 1 for k in ks):
         raise ValueError(f"every K must be a positive integer, got {list(ks)}")
     ranks = ranks.astype(np.int64)
-    hit = {k: (ranks < k).astype(np.float64) for k in ks}
-    gain = 1.0 / np.log2(ranks + 2.0)  # [n]
+    found = ranks >= 0
+    hit = {k: (found & (ranks < k)).astype(np.float64) for k in ks}
+    gain = np.where(found, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)  # [n]
     out = {f"HR@{k}": hit[k] for k in ks}
-    out.update({f"NDCG@{k}": np.where(ranks < k, gain, 0.0) for k in ks})
+    out.update({f"NDCG@{k}": np.where(hit[k] > 0, gain, 0.0) for k in ks})
     out.update({f"Recall@{k}": hit[k].copy() for k in ks})
-    out["MRR"] = 1.0 / (ranks + 1.0)
+    out["MRR"] = np.where(found, 1.0 / (np.maximum(ranks, 0) + 1.0), 0.0)
     return out
 
 
 def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
     """(mean, low, high): the mean of ``values`` and its percentile-bootstrap (1 - alpha) interval.
 
-    Resampling unit = one row (one evaluated user/target), drawn with replacement, ``n_boot`` times,
-    from ``np.random.default_rng(seed)``: the same seed and the same n give the same resamples, so
-    every metric of one evaluation is bootstrapped on identical user resamples (paired intervals).
-    The interval is the alpha/2 and 1 - alpha/2 quantiles of the resampled means (percentile method:
-    no normality assumption, fine for the bounded, skewed per-user values of HR/NDCG).
+    scipy.stats.bootstrap, percentile method: the interval is the alpha/2 and 1 - alpha/2 quantiles of
+    the ``n_boot`` resampled means (no normality assumption, fine for the bounded, skewed per-user values
+    of HR/NDCG; BCa, scipy's default, adds a jackknife pass of n leave-one-out means per metric and
+    changes the numbers recsim has reported so far). Resampling unit = one row (one evaluated
+    user/target), drawn with replacement from ``np.random.default_rng(seed)``. scipy draws the indices
+    as ``rng.integers(0, n, (batch, n))``, so the same seed, n and batch give the same resamples: every
+    metric of one evaluation is bootstrapped on identical user resamples (paired intervals), and so is a
+    per-user difference of two runs (the paired bootstrap of recsim.tables). The batch is fixed by n,
+    never by the metric, to keep that so.
     It measures uncertainty over *users* for one trained model; the spread over training seeds is
     :mod:`recsim.tables`' job. n = 0 gives (nan, nan, nan); n = 1 gives (v, v, v). NaN values raise.
     """
@@ -164,15 +189,15 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05)
         return mean, mean, mean
     if n_boot < 1 or not 0 < alpha < 1:
         raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
-    rng = np.random.default_rng(seed)
-    block = max(1, _BOOTSTRAP_BLOCK_INDICES // n)  # resamples per draw, to bound memory
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, block):
-        rows = min(block, n_boot - start)
-        idx = rng.integers(0, n, size=(rows, n))  # [rows, n]
-        means[start : start + rows] = values[idx].mean(axis=1)
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return mean, float(low), float(high)
+    if np.all(values == values[0]):  # every resample has this mean: return it exactly, not up to rounding
+        return mean, mean, mean
+    from scipy import stats
+
+    result = stats.bootstrap(
+        (values,), np.mean, n_resamples=n_boot, batch=max(1, _BOOTSTRAP_BLOCK_INDICES // n), vectorized=True,
+        confidence_level=1 - alpha, method="percentile", rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def summarise(
