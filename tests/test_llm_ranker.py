@@ -165,5 +165,27 @@ def test_generation_mode_scores_exact_matches_and_counts_invalid(monkeypatch):
     monkeypatch.setattr(ranker.model, "generate", fake_generate)
     gen = OmegaConf.create({"list_length": 5, "separator": "||", "max_new_tokens": 8, "max_title_words": None})
     ranks, stats = ranker.generate_rankings(samples, cands, gen, seed=0)
-    assert ranks.tolist() == [1, 3]  # the positive is 2nd of the deduplicated valid list; a miss ranks C
+    assert ranks.tolist() == [1, -1]  # the positive is 2nd of the deduplicated valid list; a miss is -1 (scores 0)
     assert stats == {"generated": 5, "invalid": 3, "empty_lists": 1}
+
+
+def test_generation_tells_apart_titles_equal_after_the_word_cut(monkeypatch):
+    """Items 1 and 9 are both "Velvet Rose Lipstick" at 3 words: the prompt extends them to "... number 1" and
+    "... number 9", so a generated "... number 9" is item 9 (today's cut made one overwrite the other)."""
+    ranker = tiny_ranker()
+    samples = [Sample(0, (2,), 9, position=1)]
+    cands = np.array([[9, 1, 3]])
+    prompts = []
+    text = " Velvet Rose Lipstick number 1 || Velvet Rose Lipstick number 9 || Velvet Coral Lipstick"
+
+    def fake_generate(input_ids, attention_mask, **kw):
+        prompts.append(ranker.tok.decode(input_ids[0], skip_special_tokens=True))
+        tail = torch.tensor([ranker.tok(text, add_special_tokens=False).input_ids])
+        return torch.cat([input_ids, tail], dim=1)
+
+    monkeypatch.setattr(ranker.model, "generate", fake_generate)
+    gen = OmegaConf.create({"list_length": 3, "separator": "||", "max_new_tokens": 8, "max_title_words": 3})
+    ranks, stats = ranker.generate_rankings(samples, cands, gen, seed=0)
+    assert "- Velvet Rose Lipstick number 1\n" in prompts[0] and "- Velvet Rose Lipstick number 9\n" in prompts[0]
+    assert "- Velvet Coral Lipstick\n" in prompts[0]  # a title without a clash keeps the cut
+    assert ranks.tolist() == [1] and stats == {"generated": 3, "invalid": 0, "empty_lists": 0}

@@ -62,7 +62,7 @@ def test_perfect_and_worst_rankings():
 
 def test_per_user_metrics_rejects_bad_ranks():
     with pytest.raises(ValueError):
-        per_user_metrics(np.array([0, -1]))
+        per_user_metrics(np.array([0, -2]))  # -1 means "not in a generated list"; below it is an error
     with pytest.raises(ValueError):
         per_user_metrics(np.array([0.5]))
     assert per_user_metrics(np.array([], dtype=int))["MRR"].shape == (0,)

@@ -36,9 +36,17 @@ class ContinualMethod:
     def after_update(self, stage: StageData, rec) -> None:
         rec.clear_loss_terms()
 
+    def schedule_index(self, stage: StageData) -> int:
+        """Whose optimiser schedule the stage's fit uses: 0 = stage 0's (trainer.base), else an update's."""
+        return stage.index
+
     def score_candidates(self, rec, samples, candidates, batch_size: int):
         """Inference hook: a method that combines adapters (LSAT) changes how candidates are scored."""
         return rec.score_candidates(samples, candidates, batch_size)
+
+    def generate_rankings(self, rec, samples, candidates, gen_cfg, seed: int, batch_size: int):
+        """Inference hook of generation mode (ranked title lists); every inference path goes through the method."""
+        return rec.module.generate_rankings(samples, candidates, gen_cfg, seed, batch_size)
 
     def state_dict(self) -> dict:
         return {}
@@ -57,9 +65,13 @@ class Base(ContinualMethod):
 
 
 class Retrain(ContinualMethod):
-    """At every stage, train from the initial (untrained-adapter) model on all data up to the stage."""
+    """At every stage, train from the initial (untrained-adapter) model on all data up to the stage, with
+    stage 0's schedule: a retrained model is a stage-0 model on more data, not an update."""
 
     name = "retrain"
+
+    def schedule_index(self, stage):
+        return 0
 
     def training_samples(self, stage, rec):
         return make_samples(stage.sequences, stage.cumulative_targets, self.protocol.window)

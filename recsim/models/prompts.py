@@ -18,6 +18,30 @@ def shorten(title: str, max_words: int | None) -> str:
     return title if not max_words or len(words) <= max_words else " ".join(words[:max_words])
 
 
+def distinct_titles(titles: list[str], max_words: int | None) -> list[str]:
+    """`titles` cut to `max_words` words, each still telling its item apart from the others in the list.
+
+    Titles equal after the cut get one more word each, repeatedly, until they differ or are whole; titles
+    still equal then (the catalogue has the same title twice) get " (2)", " (3)"... in list order, the
+    first occurrence unchanged. Without this, an exact-match scorer cannot tell which item was meant.
+    """
+    words = [t.split() for t in titles]
+    cut = [min(len(w), max_words) if max_words else len(w) for w in words]
+    while True:
+        shown = [" ".join(w[:k]) for w, k in zip(words, cut)]
+        clash = [i for i, t in enumerate(shown) if shown.count(t) > 1 and cut[i] < len(words[i])]
+        if not clash:
+            break
+        for i in clash:
+            cut[i] += 1
+    seen: dict[str, int] = {}
+    out = []
+    for t in shown:
+        seen[t] = seen.get(t, 0) + 1
+        out.append(t if seen[t] == 1 else f"{t} ({seen[t]})")
+    return out
+
+
 def history_prompt(titles: list[str], template: str = DEFAULT_TEMPLATE, max_title_words: int | None = None) -> str:
     lines = "\n".join(f"{i + 1}. {shorten(t, max_title_words)}" for i, t in enumerate(titles))
     return template.format(history=lines)
