@@ -24,21 +24,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from recsim import __version__
-from recsim.data.load import load_dataset
-from recsim.eval.continual import continual_summary, matrix_to_markdown
+from recsim.eval.continual import continual_summary
 from recsim.eval.metrics import ranks_from_scores, ranks_full, summarise
 from recsim.methods import build_method
-from recsim.protocols import build_protocol
-from recsim.protocols.base import EncodedData
-from recsim.protocols.candidates import draw_candidates, save_candidates
-from recsim.utils.io import frame_to_markdown, publish_dir, write_csv, write_json, write_text
+from recsim.protocols.base import EncodedData, EvalSplit
+from recsim.protocols.prepare import prepare_protocol, save_prepared
+from recsim.results import RANKS_FILE, RESULT_COLUMNS, load_ranks, matrix_markdown, render_run_markdown, save_ranks  # noqa: F401
+from recsim.selection import BestOnValidation
+from recsim.utils.io import publish_dir, write_csv, write_json, write_text
 from recsim.utils.resources import UpdateMeter
+from recsim.training import build_trainer
+from recsim.utils.state import load_state, save_state
 
 log = logging.getLogger(__name__)
-
-RESULT_COLUMNS = ["dataset", "method", "backbone", "recipe", "protocol", "eval_mode", "candidates", "seed", "stage",
-                  "stage_name", "split", "group", "metric", "value", "ci_low", "ci_high", "n_users"]
 
 
 def build_recommender(cfg: DictConfig, data: EncodedData):
@@ -69,19 +67,25 @@ def _loggers(cfg, out: Path, version: str):
     return loggers
 
 
-def train(cfg, rec, samples, optim, batch_size: int, seed: int, out: Path, log_version: str) -> None:
-    """Fit `rec.module` on `samples` with a fresh Lightning Trainer (whatever is trainable now trains)."""
+def train(cfg, rec, samples, optim, batch_size: int, seed: int, out: Path, log_version: str,
+          val_samples=None, callbacks=None) -> None:
+    """Fit `rec.module` on `samples` with a fresh Lightning Trainer (whatever is trainable now trains).
+
+    With `val_samples` and a recommender that has `callbacks()` (early stopping in the sequential models),
+    the fit validates on them after every epoch and those callbacks decide when to stop. `callbacks`
+    are added as they are (e.g. recsim.selection's checkpoint selection)."""
     rec.set_optim(optim)
     loader = DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=rec.collate,
                         generator=torch.Generator().manual_seed(seed))
-    trainer = L.Trainer(
-        max_epochs=optim.epochs, max_steps=optim.get("max_steps") or -1, accelerator=cfg.trainer.accelerator,
-        devices=1, precision=cfg.trainer.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true"),
-        deterministic=cfg.trainer.deterministic, gradient_clip_val=cfg.trainer.gradient_clip_val,
-        logger=_loggers(cfg, out, log_version), enable_checkpointing=False, num_sanity_val_steps=0,
-        enable_progress_bar=cfg.trainer.progress_bar, enable_model_summary=False, log_every_n_steps=1,
-    )
-    trainer.fit(rec.module, loader)
+    validate = bool(val_samples) and hasattr(rec, "callbacks")
+    extra = [*(rec.callbacks() if validate else []), *(callbacks or [])]
+    trainer = build_trainer(cfg.trainer, max_epochs=optim.epochs, max_steps=optim.get("max_steps"),
+                            loggers=_loggers(cfg, out, log_version), callbacks=extra or None,
+                            enable_validation=validate)
+    if validate:
+        trainer.fit(rec.module, loader, DataLoader(val_samples, batch_size=batch_size, collate_fn=rec.collate))
+    else:
+        trainer.fit(rec.module, loader)
     rec.module.to(compute_device(cfg))  # Lightning's teardown moved the model back to the CPU
 
 
@@ -90,11 +94,14 @@ def compute_device(cfg) -> torch.device:
     return torch.device("cuda" if gpu else "cpu")
 
 
-def fit_stage(cfg, stage, rec, method, out: Path) -> dict:
+def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
     """One update, timed as a whole: the method's data choice (e.g. training a filter), its preparation
-    (locating layers, Fisher, extra fits) and the fit. Returns the efficiency figures."""
+    (locating layers, Fisher, extra fits) and the fit. Returns the efficiency figures.
+
+    The stage's visible validation split (`visible_validation`) drives the classic models' early
+    stopping and, with `trainer.checkpoint_selection.mode=best_val`, which checkpoint the fit keeps."""
     rec.module.to(compute_device(cfg))  # Lightning's teardown moves the model back to the CPU after a fit
-    optim, batch_size = rec.schedule(stage.index)
+    optim, batch_size = rec.schedule(method.schedule_index(stage))  # Retrain: stage 0's schedule
     seed = _stage_seed(cfg.seed, stage.index)
     before = {n: p.detach().clone() for n, p in rec.tracked_parameters().items()}
     method.report, method.extra_trainable = {}, 0
@@ -110,7 +117,17 @@ def fit_stage(cfg, stage, rec, method, out: Path) -> dict:
         if samples:
             method.before_update(stage, rec, samples)
             trainable = sum(p.numel() for p in rec.module.parameters() if p.requires_grad) + method.extra_trainable
-            train(cfg, rec, samples, optim, batch_size, seed, out, f"stage{stage.index}")
+            valid = visible_validation(protocol, stage) if protocol is not None else None
+            selection = cfg.trainer.get("checkpoint_selection") or {}
+            chooser = None
+            if valid is not None and selection.get("mode", "last") == "best_val":
+                chooser = BestOnValidation(method, rec, valid, selection.get("metric", "NDCG@10"),
+                                           selection.get("every_n_steps"), cfg.eval.batch_size)
+            train(cfg, rec, samples, optim, batch_size, seed, out, f"stage{stage.index}",
+                  val_samples=valid.all_samples() if valid is not None else None,
+                  callbacks=[chooser] if chooser else None)
+            if chooser:
+                method.report.update(chooser.summary())
             method.after_update(stage, rec)
     if not samples:
         return {"train_samples": 0, "trainable_params": 0, "changed_params": 0, "update_seconds": 0.0}
@@ -120,13 +137,46 @@ def fit_stage(cfg, stage, rec, method, out: Path) -> dict:
             **method.report}
 
 
-def evaluate_stage(cfg, protocol, rec, method, stage) -> list[dict]:
-    names = list(protocol.splits) if cfg.eval.all_splits else [stage.eval_split]
-    rows = []
+PAPER_GROUPS = ("U_A", "U_I")  # the paper's U = U_A ∪ U_I; `new` users are reported on their own
+
+
+def _pooled(by_group: dict[str, np.ndarray]) -> np.ndarray:
+    """The "all" row: U_A ∪ U_I (never `new`), or the protocol's only group (leave-one-out's "all")."""
+    if "all" in by_group:
+        return by_group["all"]
+    keys = [g for g in PAPER_GROUPS if g in by_group] or list(by_group)
+    return np.concatenate([by_group[g] for g in keys])
+
+
+def visible_validation(protocol, stage) -> EvalSplit | None:
+    """The stage's validation split, restricted to targets the stage's data already holds.
+
+    Stage 0 of two_period is validated on U_I only (U_A's validation targets lie after T, in the future
+    of stage 0's data); an update on everything of its round. Never a test target."""
+    split = protocol.valid_splits.get(stage.eval_split)
+    if split is None:
+        return None
+    samples, cands = {}, {}
+    for group, rows in split.samples.items():
+        keep = [i for i, s in enumerate(rows) if s.user in stage.sequences and s.position < len(stage.sequences[s.user])]
+        if keep:
+            samples[group] = [rows[i] for i in keep]
+            cands[group] = split.candidates[group][keep]
+    return EvalSplit(split.name, samples, cands, role="valid") if samples else None
+
+
+def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]:
+    """Scores every test split (or only the stage's own) and, with `eval.validation`, the stage's own
+    validation split. Returns result rows and the per-user ranks {(mode, split, group): (users, ranks)}."""
+    splits = [protocol.splits[n] for n in (protocol.splits if cfg.eval.all_splits else [stage.eval_split])]
+    if cfg.eval.validation and stage.eval_split in protocol.valid_splits:
+        splits.append(protocol.valid_splits[stage.eval_split])
+    rows, per_user = [], {}
     ks = list(cfg.eval.ks)
-    for name in names:
-        split = protocol.splits[name]
+    for split in splits:
+        name = split.name
         ranks = {"candidates": {}, "full": {}}
+        users = {g: np.array([s.user for s in samples], dtype=np.int64) for g, samples in split.samples.items()}
         for group, samples in split.samples.items():
             if not samples:
                 continue
@@ -143,29 +193,42 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> list[dict]:
                 before = [protocol.data.sequences[s.user][: s.position] for s in samples]
                 ranks["full"][group] = ranks_full(full, np.array([s.target for s in samples]), before)
         if "generation" in cfg.eval.modes and rec.kind == "llm":
-            ranks["generation"], counts = _generation_ranks(cfg, rec, split)
+            by_group, counts = _generation_ranks(cfg, rec, method, split)
             common = {"eval_mode": "generation", "candidates": f"1+{cfg.eval.negatives}", "stage": stage.index,
-                      "stage_name": stage.name, "split": name, "group": "all", "n_users": counts["users"]}
-            rows += [{**common, "metric": "invalid_share", "value": counts["invalid"] / max(1, counts["generated"])},
-                     {**common, "metric": "no_valid_item_share", "value": counts["empty_lists"] / max(1, counts["users"])}]
+                      "stage_name": stage.name, "split": name}
+            rows += [{**common, "group": "all", "n_users": counts["users"], "metric": "invalid_share",
+                      "value": counts["invalid"] / max(1, counts["generated"])},
+                     {**common, "group": "all", "n_users": counts["users"], "metric": "no_valid_item_share",
+                      "value": counts["empty_lists"] / max(1, counts["users"])}]
+            # a generated list holds list_length titles: HR@K for a longer K would only repeat HR@list_length
+            gen_ks = [k for k in ks if k <= cfg.recipe.generation.list_length]
+            for group, r in by_group.items():
+                per_user[("generation", name, group)] = (users[group], r)
+            if by_group:
+                by_group["all"] = _pooled(by_group)
+            for group, r in by_group.items():  # rank -1 (not in the list) scores 0 in every metric
+                rows += [{**common, "group": group, **m} for m in summarise(r, gen_ks, cfg.eval.n_boot, cfg.seed)]
         for mode, by_group in ranks.items():
             if not by_group:
                 continue
-            by_group["all"] = np.concatenate(list(by_group.values()))
+            for group, r in by_group.items():
+                per_user[(mode, name, group)] = (users[group], r)
+            by_group["all"] = _pooled(by_group)
             for group, r in by_group.items():
                 for m in summarise(r, ks, cfg.eval.n_boot, cfg.seed):
                     rows.append({"eval_mode": mode, "candidates": "all" if mode == "full" else f"1+{cfg.eval.negatives}",
                                  "stage": stage.index, "stage_name": stage.name, "split": name, "group": group, **m})
-    return rows
+    return rows, per_user
 
 
-def _generation_ranks(cfg, rec, split) -> tuple[dict, Counter]:
-    """The authors' evaluation: ranked title lists generated per group, with counts of invalid titles."""
+def _generation_ranks(cfg, rec, method, split) -> tuple[dict, Counter]:
+    """The authors' evaluation: ranked title lists generated per group (through the method, so LSAT decodes
+    with its ensemble or merge), with counts of invalid titles. Ranks are -1 where the positive is not listed."""
     ranks, counts = {}, Counter()
     for group, samples in split.samples.items():
         if samples:
-            ranks[group], stats = rec.module.generate_rankings(samples, split.candidates[group],
-                                                               cfg.recipe.generation, cfg.seed, cfg.eval.batch_size)
+            ranks[group], stats = method.generate_rankings(rec, samples, split.candidates[group],
+                                                           cfg.recipe.generation, cfg.seed, cfg.eval.batch_size)
             counts.update(stats)
             counts["users"] += len(samples)
     return ranks, counts
@@ -192,20 +255,34 @@ def _shared_base_dir(cfg, method) -> Path | None:
 
     Stage 0 trains the initial model; it depends on the data, backbone, recipe, protocol, stage-0
     schedule, evaluation settings and seed, never on the update method. Sweeping methods then trains
-    and scores it once. The key is a hash of exactly those settings.
+    and scores it once. The key hashes what determines it: those settings with every path key removed
+    (moving the data or the cache changes nothing), the content of the data's source files, and the
+    recsim sources themselves (any code or config edit trains a new stage 0, never reuses a stale one).
     """
     if not (cfg.reuse_base_stage and method.shares_base_stage):
         return None
+    from recsim.data.cache import drop_path_keys, fingerprint, package_hash
+    from recsim.data.load import READERS, default_data_dir
+
     t = cfg.trainer
     plain = lambda node: OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    keyed = {k: plain(cfg[k]) for k in ("dataset", "backbone", "recipe", "stage", "eval", "seed")}
-    keyed["trainer"] = {k: plain(t[k]) for k in ("base", "batch_size", "max_train_samples", "precision", "gradient_clip_val")}
-    keyed["recsim"] = __version__
-    text = json.dumps(keyed, sort_keys=True)
+    keyed = {k: drop_path_keys(plain(cfg[k])) for k in ("dataset", "backbone", "recipe", "stage", "eval", "seed")}
+    keyed["trainer"] = {k: plain(t.get(k)) for k in ("base", "batch_size", "max_train_samples", "precision",
+                                                     "gradient_clip_val", "accumulate_grad_batches", "devices",
+                                                     "num_nodes", "strategy", "compile")}
+    dataset = plain(cfg.dataset)
+    dataset["data_dir"] = dataset.get("data_dir") or default_data_dir()  # as load_dataset finds it
+    reader = READERS.get(dataset.get("reader"))
+    keyed["data_sources"] = fingerprint(reader.sources(dataset), cfg.paths.cache_dir) if reader else None
+    keyed["recsim_sources"] = package_hash()
+    text = json.dumps(keyed, sort_keys=True, default=str)
     return Path(cfg.paths.cache_dir) / "base_stage" / hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def run(cfg: DictConfig) -> Path:
+    from recsim.schema import validate
+
+    validate(cfg)  # every value's type and range, before any file is written or data read
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "DONE").exists():
@@ -215,19 +292,11 @@ def run(cfg: DictConfig) -> Path:
     write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
-    data = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
-    stats = data.stats()
-    write_json(out / "dataset_stats.json", stats)
-    log.info("dataset %s: %s", data.name, stats)
-    enc = EncodedData.from_data(data)
-    protocol = build_protocol(cfg.stage, enc)
-    for split in protocol.splits.values():
-        draw_candidates(split, enc, cfg.eval.negatives, cfg.seed)
-    save_candidates(protocol.splits, out / "candidates.npz")
-    write_json(out / "protocol.json", {**protocol.description, "window": protocol.window, "stages": [
-        {"index": s.index, "name": s.name, "active_users": len(s.active_users), "inactive_users": len(s.inactive_users),
-         "new_targets": sum(map(len, s.new_targets.values())), "eval_split": s.eval_split} for s in protocol.stages],
-        "splits": {n: {g: len(v) for g, v in sp.samples.items()} for n, sp in protocol.splits.items()}})
+    # the whole dataset, the protocol for the sampled users, candidates for test and validation splits
+    prepared = prepare_protocol(cfg)
+    enc, protocol = prepared.data, prepared.protocol
+    log.info("dataset %s: %s", enc.name, prepared.stats)
+    save_prepared(prepared, out)  # dataset_stats.json, candidates.npz, protocol.json
 
     rec = build_recommender(cfg, enc)
     method = build_method(cfg.method)
@@ -237,6 +306,7 @@ def run(cfg: DictConfig) -> Path:
 
     all_rows = []
     last_quality = None  # the latest stage's quality rows: reused when a stage leaves the model untouched
+    last_ranks: dict = {}  # ... and its per-user ranks
     for stage in protocol.stages:
         stage_dir = out / "stages" / f"{stage.index:02d}_{stage.name}"
         shared = _shared_base_dir(cfg, method) if stage.index == 0 else None
@@ -251,19 +321,21 @@ def run(cfg: DictConfig) -> Path:
         if (stage_dir / "DONE").exists():
             log.info("stage %s already finished: loading it", stage.name)
             rec.load(stage_dir)
-            method.load_state_dict(torch.load(stage_dir / "method.pt", weights_only=False))
+            method.load_state_dict(load_state(stage_dir))  # tensors + JSON: nothing is unpickled
             frame = pd.read_csv(stage_dir / "results.csv")
             all_rows.append(frame)
             last_quality = frame[frame.eval_mode != "-"]
+            last_ranks = load_ranks(stage_dir / RANKS_FILE)
             continue
         L.seed_everything(_stage_seed(cfg.seed, stage.index), workers=True)
-        eff = fit_stage(cfg, stage, rec, method, out)
+        eff = fit_stage(cfg, stage, rec, method, out, protocol)
         if eff["train_samples"] == 0 and last_quality is not None:
             # no update ran, so the model is bit-for-bit the previous stage's: its scores are too
             quality = last_quality.assign(stage=stage.index, stage_name=stage.name)
         else:
             rec.module.to(compute_device(cfg))
-            quality = pd.DataFrame([{**base_cols, **r} for r in evaluate_stage(cfg, protocol, rec, method, stage)])
+            rows, last_ranks = evaluate_stage(cfg, protocol, rec, method, stage)
+            quality = pd.DataFrame([{**base_cols, **r} for r in rows])
         cost = [{**base_cols, "eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
                  "split": "-", "group": "-", "metric": key, "value": float(eff[key])}
                 for key in ("train_samples", "trainable_params", "changed_params", "update_seconds", "peak_mem_mb")
@@ -273,7 +345,8 @@ def run(cfg: DictConfig) -> Path:
         tmp = stage_dir.with_name(stage_dir.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         rec.save(tmp)
-        torch.save(method.state_dict(), tmp / "method.pt")
+        save_state(tmp, method.state_dict())
+        save_ranks(tmp / RANKS_FILE, last_ranks)  # per-user ranks: paired comparisons between methods
         write_csv(tmp / "results.csv", frame)
         write_json(tmp / "efficiency.json", eff)
         write_text(tmp / "DONE", "")
@@ -303,17 +376,26 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
+def _r_metric(cfg, mode: str) -> str:
+    """eval.r_metric, cut to the list length in generation mode (a 3-title list has no NDCG@10)."""
+    metric = cfg.eval.r_metric
+    if mode == "generation" and "@" in metric:
+        name, k = metric.split("@")
+        return f"{name}@{min(int(k), cfg.recipe.generation.list_length)}"
+    return metric
+
+
 def continual_report(results: pd.DataFrame, protocol, cfg, base_cols: dict) -> tuple[str, list[dict]]:
     """R[i, j] for the configured metric on all users, with forgetting and transfer figures.
 
     The figures also come back as result rows (group "all", split "R", stage = last) so that
     `recsim.tables` averages them over seeds like any metric.
     """
-    metric = cfg.eval.r_metric
     split_of = [s.eval_split for s in protocol.stages]
     lines, rows = [], []
     matrices = {}
     for mode in [m for m in results["eval_mode"].unique() if m != "-"]:
+        metric = _r_metric(cfg, mode)
         sel = results[(results.metric == metric) & (results.group == "all") & (results.eval_mode == mode)]
         S = len(protocol.stages)
         R = np.full((S, S), np.nan)
@@ -332,25 +414,7 @@ def continual_report(results: pd.DataFrame, protocol, cfg, base_cols: dict) -> t
                   "metric": f"{name}({metric})", "value": value}
                  for name, value in summary.items() if isinstance(value, float)]
         lines += [f"### R[i, j] ({metric}, all users, {mode}): model after stage i on stage j's split", "",
-                  matrix_to_markdown(R, labels, cols), "",
+                  matrix_markdown(R, labels, cols), "",
                   ", ".join(f"{k} = {v:.4f}" for k, v in summary.items() if isinstance(v, float)), ""]
     write_json(Path(cfg.paths.output_dir) / "r_matrix.json", matrices)
     return "\n".join(lines), rows
-
-
-def render_run_markdown(results: pd.DataFrame, cfg, split_of: dict[int, str]) -> str:
-    """Per stage, its own split (the diagonal of R) for every group; the full matrix follows below."""
-    quality = results[results.eval_mode != "-"]
-    metrics = [m for m in cfg.eval.table_metrics if m in set(quality.metric)]
-    lines = [f"## {cfg.method.name} on {cfg.dataset.name} ({cfg.backbone.name}, {cfg.stage.name}, seed {cfg.seed})", ""]
-    for mode in quality.eval_mode.unique():
-        sel = quality[(quality.eval_mode == mode) & quality.metric.isin(metrics)]
-        sel = sel[sel.split == sel.stage.map(split_of)]
-        cell = sel.assign(text=[f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in zip(sel.value, sel.ci_low, sel.ci_high)])
-        table = cell.pivot_table(index=["stage", "stage_name", "split"], columns=["group", "metric"], values="text", aggfunc="first")
-        lines += [f"### {mode} ranking ({sel.candidates.iloc[0] if len(sel) else ''} candidates; mean [95% bootstrap CI over users])",
-                  "", frame_to_markdown(table) if len(table) else "(no rows)", ""]
-    eff = results[results.eval_mode == "-"].pivot_table(index=["stage", "stage_name"], columns="metric", values="value")
-    lines += ["### update cost", "", frame_to_markdown(eff.map(lambda v: f"{v:.6g}")), ""]
-    return "\n".join(lines)
-
