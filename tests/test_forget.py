@@ -220,5 +220,72 @@ def test_evorec_forgets_only_old_items_its_prompts_show(monkeypatch):
     # scores by hand (hand_stage): u0 S^A- [1,2,3,4] -> 1, -1, 1/3, -1/3; u1 S^A- [2,4,1,3,1] -> -2/3, -1/6, 2/3, 1/6, 2/3
     # the whole window: u0 loses p1 (item 2), u1 loses p0 (item 2)
     assert histories(None) == [(0, (1, 3, 4)), (0, (1, 3, 4, 5)), (1, (4, 1, 3, 1))]
-    # 2 titles shown: candidates u0 p2, p3 -> p3 (item 4); u1 p3, p4 -> p3 (item 3)
-    assert histories(2) == [(0, (1, 2, 3)), (0, (1, 2, 3, 5)), (1, (2, 4, 1, 1))]
+    # 2 titles shown, K = 1: one removal pulls one older item into view, so the newest 2 + 1 are scored:
+    # u0 p1..p3 (-1, 1/3, -1/3) -> p1 (item 2); u1 p2..p4 (2/3, 1/6, 2/3) -> p3 (item 3).
+    # (Scoring only p2, p3 removed u0's item 4 and showed (2, 3): item 2 at p1 was never scored.)
+    assert histories(2) == [(0, (1, 3, 4)), (0, (1, 3, 4, 5)), (1, (2, 4, 1, 1))]
+
+
+class RecordingFilter(torch.nn.Module):
+    """A filter with e_i = [1, 0] for every item but 106 and 108 ([-1, 0]), h_u = mean of the history's
+    embeddings; it records every item it is asked to score (the user representation does not count)."""
+
+    def __init__(self, num_items: int = 111):
+        super().__init__()
+        self.table = torch.nn.Embedding(num_items + 1, 2)
+        with torch.no_grad():
+            self.table.weight[:] = torch.tensor([1.0, 0.0])
+            self.table.weight[0] = 0.0  # padding
+            self.table.weight[[106, 108]] = torch.tensor([-1.0, 0.0])
+        self.scored: set[int] = set()
+
+    def user_repr(self, history):
+        return self.table(history).sum(1) / (history > 0).sum(1, keepdim=True)
+
+    def item_emb(self, items):
+        self.scored.update(int(i) for i in items.flatten() if i > 0)
+        return self.table(items)
+
+
+@pytest.mark.parametrize("backfill", [True, False])
+def test_forget_never_shows_an_unscored_item(monkeypatch, backfill):
+    """The update prompt of the brief: it shows (105..109); the filter removes 106 and 108. Scoring only
+    those 5 and back-filling showed (103, 104, 105, 107, 109), 103 and 104 never scored."""
+    from types import SimpleNamespace
+
+    from recsim.methods import forget
+    from recsim.methods.evorec import EvoRec
+
+    model = RecordingFilter()
+    monkeypatch.setattr(forget, "train_filter", lambda *a, **k: SimpleNamespace(
+        model=model, pretrain_seconds=0.0, finetune_seconds=0.0))
+    overrides = ["method=evorec", "method.k=2", f"method.forget_backfill={str(backfill).lower()}"]
+    method = EvoRec(compose(overrides).method)
+    method.protocol = SimpleNamespace(window=20, data=SimpleNamespace(num_items=111))
+    # S^A- = 101..109 (positions 0..8), new targets 110 and 111. h = ([1, 0] * 9 - 2 * [1, 0]) / 11 = [7/11, 0]:
+    # s = -7/11 for 106 and 108, +7/11 for every other item, so 106 and 108 are the 2 lowest in any window.
+    stage = StageData(index=1, name="stage1", sequences={0: np.arange(101, 112, dtype=np.int64)},
+                      new_targets={0: [9, 10]}, cumulative_targets={}, boundary={0: 9}, active_users=[0],
+                      inactive_users=[], eval_split="test1")
+    samples = method.training_samples(stage, SimpleNamespace(history_shown=5))
+    shown = {s.target: s.history[-5:] for s in samples}
+    if backfill:  # the two removals pull 103 and 104 into the first prompt: now they were scored
+        assert shown == {110: (103, 104, 105, 107, 109), 111: (104, 105, 107, 109, 110)}
+        assert model.scored == set(range(103, 110))
+    else:  # no back-fill: the removed titles leave gaps
+        assert shown == {110: (105, 107, 109), 111: (107, 109, 110)}
+        assert model.scored == set(range(105, 110))
+    assert method.report["forgotten_items"] == 2
+    for s in samples:  # every old item an update prompt shows was scored
+        assert {i for i in s.history[-5:] if i < 110} <= model.scored, s
+
+
+def test_bad_backfill_setting_is_rejected():
+    from types import SimpleNamespace
+
+    from recsim.methods.evorec import EvoRec
+
+    method = EvoRec(compose(["method=evorec", "method.forget_backfill=sometimes"]).method)
+    method.protocol = SimpleNamespace(window=20, data=SimpleNamespace(num_items=6))
+    with pytest.raises(ValueError, match="method.forget_backfill='sometimes': expected true or false"):
+        method.training_samples(hand_stage(), SimpleNamespace(history_shown=2))

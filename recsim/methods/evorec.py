@@ -9,10 +9,25 @@ At each update (stage r >= 1), with U_A the users active in the new window:
      (use it with `locate.pooling=mean`, as they mean-pool; recsim excludes padding from the mean).
   2. Forget: a light sequential filter (SASRec by default) trained on pre-T data and fine-tuned on the
      new window scores the items of S_u^{A-}; the K lowest are removed from u's update data. With
-     `forget_scope=window` the candidates are the newest old items an update prompt shows:
-     min(protocol window, `recipe.prompt.max_history`); removing an item no prompt shows changes nothing.
+     `forget_scope=window` the candidates are the old items an update prompt can show. An update prompt
+     shows the newest `shown` = min(protocol window, `recipe.prompt.max_history`) history items, and
+     removing items lets older ones slide in (back-fill). `forget_backfill` chooses:
+     - true (default): score the newest min(b, shown + K) old positions, so every item that can slide
+       into a prompt after the K removals was scored; the prompts keep their length (as at stage 0).
+     - false: score the newest `shown`, and cut each update sample's history at the `shown` positions
+       before its target before removing: no back-fill, prompts lose the removed titles.
+     (Scoring only the shown window and back-filling let never-scored items into the prompts.)
   3. Update: L_total = L_e + λ·L_c, L_e the NLL of the filtered active-user samples, L_c the KL between
      the frozen pre-update model and the updated one on inactive-user samples (recsim.methods.kl).
+     Normalisation (`kl.positions`, `kl.reduction`), default `all` + `sum`: L_c is summed over every
+     prompt+answer position of the KL batch. Why: with the per-token mean, λ = 2e-4 is inert. Measured
+     (cpu scale, beauty, smollm2_135m, λ = 0 update, step 5): ‖∇L_e‖ = 0.68 while the per-token-mean
+     L_c = 8e-3 (answer) / 4e-3 (all) has ‖∇L_c‖ = 0.19 / 0.12, so λ·‖∇L_c‖ ≈ 4e-5 ≪ ‖∇L_e‖ for the
+     whole paper range. The term bites when λ·M·‖∇L_c^mean‖ nears ‖∇L_e‖, M the positions summed:
+     λ·M ≈ 3-6. With `all`, M ≈ 650 at the cpu scale (8 prompts of ~80 tokens) and ≈ 2-10k at the
+     paper's (prompts of hundreds of tokens), so λ ∈ [2e-5, 2e-3] runs from inert to dominant there,
+     and reaches λ·M ≈ 1.3 at the cpu scale (sweep higher there). `answer` + `sum` (M ≈ 120) stays
+     inert over the range. The authors' code averages its (disabled) term over all positions.
 Stage 0 trains the initial model like every other method (all LoRA parameters).
 
 Choices where the paper is silent, all in config: which token's state is compared (`locate.pooling`:
@@ -32,7 +47,7 @@ import torch
 from recsim.backbones.lora import snapshot
 from recsim.methods.base import ContinualMethod, register
 from recsim.methods.kl import AnchorKL
-from recsim.protocols.base import make_samples
+from recsim.protocols.base import Sample, make_samples
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +72,18 @@ def select_layers(old_states: torch.Tensor, new_states: torch.Tensor, t: float, 
     return chosen, mean_sim.tolist(), votes.tolist()
 
 
+def _without_backfill(stage, targets: dict[int, list[int]], removed: dict[int, list[int]], shown: int) -> list:
+    """Update samples whose history is the `shown` positions before the target minus the removed ones:
+    a removed item leaves a gap instead of letting an older item in."""
+    out = []
+    for s in make_samples(stage.sequences, targets, shown):
+        gone = set(removed.get(s.user, ()))
+        positions = range(s.position - len(s.history), s.position)
+        kept = tuple(i for p, i in zip(positions, s.history) if p not in gone)
+        out.append(Sample(s.user, kept, s.target, s.position))
+    return out
+
+
 @register
 class EvoRec(ContinualMethod):
     name = "evorec"
@@ -71,6 +98,9 @@ class EvoRec(ContinualMethod):
         if self.cfg.k > 0:
             from recsim.methods.forget import drop_positions, outdated_positions, train_filter
 
+            backfill = self.cfg.forget_backfill
+            if not isinstance(backfill, bool):
+                raise ValueError(f"method.forget_backfill={backfill!r}: expected true or false")
             window = self.protocol.window
             old = make_samples(stage.sequences, {u: [p for p in ps if p < stage.boundary[u]]
                                                  for u, ps in stage.cumulative_targets.items()}, window)
@@ -83,13 +113,17 @@ class EvoRec(ContinualMethod):
             # scope=window: only the old items some update prompt shows can be forgotten to any effect;
             # an LLM prompt shows the newest `max_history` of the protocol's window
             shown = min(window, rec.history_shown or window)
-            removed = outdated_positions(result.model, stage, stage.active_users, self.cfg.k, shown,
+            # back-fill: K removals pull up to K older items into the shown window, so score those too
+            scored = shown + self.cfg.k if backfill else shown
+            removed = outdated_positions(result.model, stage, stage.active_users, self.cfg.k, scored,
                                          scope=self.cfg.forget_scope, max_len=spec.max_len)
-            sequences, targets = drop_positions(stage, removed)
-            targets = {u: targets[u] for u in stage.active_users if u in targets}
             # the runner resets `report` before asking for the samples, so this lands in this update's figures
             self.report.update({"forgotten_items": int(sum(map(len, removed.values()))),
                                 "filter_seconds": result.pretrain_seconds + result.finetune_seconds})
+            if not backfill:
+                return _without_backfill(stage, targets, removed, shown)
+            sequences, targets = drop_positions(stage, removed)
+            targets = {u: targets[u] for u in stage.active_users if u in targets}
         return make_samples(sequences, targets, self.protocol.window)
 
     def locate(self, stage, rec) -> list[int]:
@@ -120,5 +154,6 @@ class EvoRec(ContinualMethod):
                 keep = self._rng(stage).choice(len(inactive), self.cfg.kl_samples, replace=False)
                 inactive = [inactive[i] for i in sorted(keep)]
             rec.add_loss_term(AnchorKL(anchor, self.cfg.lam, inactive, self.cfg.kl_batch_size,
-                                       seed=self.cfg.seed * 1000 + stage.index, name="consistency_kl"))
+                                       seed=self.cfg.seed * 1000 + stage.index, name="consistency_kl",
+                                       positions=self.cfg.kl.positions, reduction=self.cfg.kl.reduction))
         self.report["kl_samples"] = len(inactive)

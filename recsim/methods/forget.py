@@ -17,7 +17,9 @@ S^{A-} = ``stage.sequences[u][:stage.boundary[u]]`` (before T) and S^{A+} the re
    - ``"window"`` (default): the last ``window`` positions of S^{A-}. Update samples have target
      positions >= boundary and histories of at most ``window`` items, so older positions never enter
      any update sample; removing them would change nothing. EvoRec passes the number of history items
-     the recommender actually reads (an LLM prompt's ``max_history`` when it is below the protocol's).
+     the recommender actually reads (an LLM prompt's ``max_history`` when it is below the protocol's),
+     plus K when removals back-fill (``method.forget_backfill``): removing K shown items lets up to K
+     older ones into the shown window, and those must have been scored too.
    - ``"all"``: every position of S^{A-}.
 4. Remove. The K lowest-scored candidates are removed (paper: K = 2). Choices the paper leaves open:
    - ties (e.g. the same item twice) go to the *earlier* position first: older items are removed first;
@@ -46,8 +48,9 @@ from recsim.protocols.base import Sample, StageData
 
 # constructor arguments each filter kind takes from its config (the rest drives training)
 MODEL_KEYS = {
-    "sasrec": ("hidden", "layers", "heads", "dropout", "max_len"),
-    "gru4rec": ("hidden", "layers", "dropout"),
+    "sasrec": ("hidden", "layers", "heads", "dropout", "max_len", "inner_size", "activation", "norm", "layer_norm_eps",
+               "emb_scale", "attn_dropout", "inner_dropout", "positions", "init"),
+    "gru4rec": ("hidden", "layers", "dropout", "gru_hidden", "gru_bias"),
     "bpr_mf": ("hidden",),
 }
 SCOPES = ("window", "all")
@@ -67,8 +70,15 @@ def model_args(kind: str, cfg) -> dict:
     return {key: cfg[key] for key in MODEL_KEYS[kind] if key in cfg}
 
 
-def _fit(module: SequentialRecModule, samples: list[Sample], cfg, epochs: int, seed: int) -> float:
-    """One training phase with a fresh Trainer; returns its wall time in seconds (0 if nothing to do)."""
+def _fit(module: SequentialRecModule, samples: list[Sample], cfg, epochs: int, seed: int, trainer_cfg=None) -> float:
+    """One training phase with a fresh Trainer; returns its wall time in seconds (0 if nothing to do).
+
+    The filter has its own schedule (`cfg`) but runs where the main model runs: accelerator, precision
+    and deterministic come from `trainer_cfg` (the run's `cfg.trainer`). None keeps the filter's own
+    defaults: a GPU when there is one, 32-bit, deterministic. One device, no clipping, no compile: a
+    filter fit takes seconds and its numbers should not depend on the LLM's distribution settings."""
+    from recsim.training import build_trainer
+
     if epochs <= 0 or not samples:
         return 0.0
     torch.manual_seed(seed)  # dropout draws
@@ -80,17 +90,11 @@ def _fit(module: SequentialRecModule, samples: list[Sample], cfg, epochs: int, s
         generator=torch.Generator().manual_seed(seed),  # batch order
         collate_fn=lambda batch: collate_samples(batch, max_len=max_len),
     )
-    trainer = lightning.Trainer(
-        max_epochs=int(epochs),
-        accelerator="gpu" if torch.cuda.is_available() else "cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
+    inherited = {"accelerator": "gpu" if torch.cuda.is_available() else "cpu", "precision": "32-true",
+                 "deterministic": True}
+    if trainer_cfg is not None:
+        inherited = {k: trainer_cfg.get(k, v) for k, v in inherited.items()}
+    trainer = build_trainer(inherited, max_epochs=int(epochs), progress_bar=False)
     start = time.perf_counter()
     trainer.fit(module, loader)
     return time.perf_counter() - start

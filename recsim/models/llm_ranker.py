@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recsim.models.prompts import answer_text, candidate_list_prompt, history_prompt, parse_ranked_list, shorten
+from recsim.eval.metrics import ranks_from_lists
+from recsim.models.prompts import answer_text, candidate_list_prompt, distinct_titles, history_prompt, parse_ranked_list
 from recsim.protocols.base import Sample
 
 def _cache_kwarg(decoder) -> str:
@@ -184,40 +185,94 @@ class LLMRanker(L.LightningModule):
 
     @torch.no_grad()
     def generate_rankings(self, samples: list[Sample], candidates: np.ndarray, gen_cfg, seed: int,
-                          batch_size: int = 8) -> tuple[np.ndarray, dict]:
+                          batch_size: int = 8, generate: Callable | None = None) -> tuple[np.ndarray, dict]:
         """EvoRec's evaluation as its authors ran it: the prompt carries the candidates (in a seeded
         random order), the model greedily writes a `sep`-separated ranked list of titles, scored by exact
-        match. Returns the positive's 0-based rank per sample (C, i.e. a miss, when it is not in the
-        list) and counts of valid / invalid generated titles (invalid = not one of the candidates)."""
+        match. Returns the positive's 0-based rank per sample (-1 when it is not in the list: every metric
+        scores it 0) and counts of valid / invalid generated titles (invalid = not one of the candidates).
+
+        Candidate titles equal after the cut to `max_title_words` are told apart by
+        :func:`~recsim.models.prompts.distinct_titles` (more words, else a " (2)" suffix), so every shown
+        title names one item. `generate(input_ids, attention_mask, max_new_tokens)` -> [B, L + new] ids
+        replaces the model's own greedy `generate` (LSAT's two-adapter ensemble)."""
         was_training = self.training
         self.eval()
         C = candidates.shape[1]
-        ranks = np.full(len(samples), C, dtype=np.int64)
+        if generate is None:
+            generate = lambda ids, mask, n: self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                                                do_sample=False, pad_token_id=self.tok.pad_token_id)
+        lists = []
         stats = {"generated": 0, "invalid": 0, "empty_lists": 0}
         for start in range(0, len(samples), batch_size):
             chunk, cands = samples[start : start + batch_size], candidates[start : start + batch_size]
             prompts, shown = [], []
             for s, row in zip(chunk, cands):
                 order = np.random.default_rng([seed, s.user, max(s.position, 0)]).permutation(C)
-                titles = [shorten(self.titles[int(row[i])], gen_cfg.max_title_words) for i in order]
+                titles = distinct_titles([self.titles[int(row[i])] for i in order], gen_cfg.max_title_words)
                 shown.append({t: int(row[i]) for t, i in zip(titles, order)})
                 hist = [self.titles[i] for i in list(s.history)[-self.prompt_cfg.max_history :]]
                 prompts.append(candidate_list_prompt(hist, titles, gen_cfg.list_length, gen_cfg.separator,
                                                      max_title_words=self.prompt_cfg.max_title_words))
             ids, mask = self._left_pad([self.tok(p, add_special_tokens=False).input_ids for p in prompts])
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen_cfg.max_new_tokens,
-                                      do_sample=False, pad_token_id=self.tok.pad_token_id)
-            for i, (s, title_to_item) in enumerate(zip(chunk, shown)):
+            out = generate(ids, mask, gen_cfg.max_new_tokens)
+            for i, title_to_item in enumerate(shown):
                 text = self.tok.decode(out[i, ids.shape[1] :], skip_special_tokens=True)
                 ranked = parse_ranked_list(text, gen_cfg.separator)[: gen_cfg.list_length]
                 valid = [title_to_item[t] for t in ranked if t in title_to_item]
                 stats["generated"] += len(ranked)
                 stats["invalid"] += len(ranked) - len(valid)
                 stats["empty_lists"] += not valid
-                if s.target in valid:
-                    ranks[start + i] = valid.index(s.target)
+                lists.append(valid)
         self.train(was_training)
-        return ranks, stats
+        return ranks_from_lists(lists, [s.target for s in samples]), stats
+
+    def _step(self, input_ids, attention_mask, positions, cache=None):
+        """One decoder pass with the active adapter: (log-probs of the next token [B, V], the updated cache)."""
+        decoder = self.base.get_decoder()
+        kw = {_cache_kwarg(decoder): cache} if cache is not None else {}
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **kw)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        logits = self.base.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
+        return torch.log_softmax(logits, -1), cache
+
+    @torch.no_grad()
+    def ensemble_generate(self, input_ids, attention_mask, max_new_tokens: int, weights: dict[str, float]):
+        """Greedy decoding on Σ_a w_a · log p_a(next token), one KV cache per adapter a (LSAT-EN in generation).
+
+        `weights`: {adapter name: weight}; each adapter runs with `set_adapter`, the active one is restored.
+        Like `generate(do_sample=False)`, a row that wrote EOS is padded with `pad_token_id` afterwards, and
+        decoding stops once every row has. Returns [B, L + new] token ids.
+        """
+        if max_new_tokens < 1:
+            return input_ids
+        active = self.model.active_adapter
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        mask = attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+        caches, logp = {}, None
+        try:
+            for name, w in weights.items():
+                self.model.set_adapter(name)
+                lp, caches[name] = self._step(input_ids, mask, positions)
+                logp = w * lp if logp is None else logp + w * lp
+            tokens, done = [], torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+            next_pos = positions[:, -1:] + 1
+            for step in range(max_new_tokens):
+                nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logp.argmax(-1))  # [B]
+                tokens.append(nxt)
+                done = done | (nxt == eos)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logp = None
+                for name, w in weights.items():
+                    self.model.set_adapter(name)
+                    lp, caches[name] = self._step(nxt[:, None], mask, next_pos, caches[name])
+                    logp = w * lp if logp is None else logp + w * lp
+                next_pos = next_pos + 1
+        finally:
+            self.model.set_adapter(active)
+        return torch.cat([input_ids, torch.stack(tokens, 1)], dim=1)
 
     @torch.no_grad()
     def layer_states(self, histories: list, pooling: str = "last", batch_size: int = 8) -> torch.Tensor:
@@ -225,20 +280,31 @@ class LLMRanker(L.LightningModule):
 
         pooling="last": the last prompt token (the state that would produce the answer);
         pooling="mean": mean over the prompt's real tokens (padding excluded).
+
+        The state of layer l is its decoder block's output, taken by a forward hook: `hidden_states[-1]`
+        of transformers 5 is the final-normed state, on another scale than the other layers' outputs.
         """
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling={pooling!r}: expected 'last' or 'mean'")
         was_training = self.training
         self.eval()
+        outputs: list[torch.Tensor] = []  # block outputs of the current pass, in layer order
+        collect = lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+        hooks = [layer.register_forward_hook(collect) for layer in self.base.get_decoder().layers]
         chunks = []
-        for start in range(0, len(histories), batch_size):
-            ids, mask = self._left_pad([self.prompt_ids(h) for h in histories[start : start + batch_size]])
-            states = self._decode(ids, mask, output_hidden_states=True).hidden_states[1:]  # skip embeddings
-            stacked = torch.stack(states)  # [layers, B, L, H]
-            if pooling == "last":
-                chunks.append(stacked[:, :, -1].float())
-            elif pooling == "mean":
-                m = mask[None, :, :, None].to(stacked.dtype)
-                chunks.append(((stacked * m).sum(2) / m.sum(2)).float())
-            else:
-                raise ValueError(f"pooling={pooling!r}: expected 'last' or 'mean'")
-        self.train(was_training)
+        try:
+            for start in range(0, len(histories), batch_size):
+                ids, mask = self._left_pad([self.prompt_ids(h) for h in histories[start : start + batch_size]])
+                outputs.clear()
+                self._decode(ids, mask)
+                stacked = torch.stack(outputs)  # [layers, B, L, H]
+                if pooling == "last":
+                    chunks.append(stacked[:, :, -1].float())
+                else:
+                    m = mask[None, :, :, None].to(stacked.dtype)
+                    chunks.append(((stacked * m).sum(2) / m.sum(2)).float())
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
         return torch.cat(chunks, dim=1)
