@@ -134,7 +134,7 @@ class SequentialRecommender:
         self.module = SequentialRecModule(
             model, loss=bb.loss, lr=bb.lr, weight_decay=bb.weight_decay, seed=seed,
             valid_metric=stop.metric if stop else "MRR@10", grad_clip=bb.get("grad_clip"),
-            seen_sequences=data.sequences,
+            seen_sequences=data.sequences, length_buckets=bool(bb.get("length_buckets", True)),
         )
         self.initial = {k: v.clone() for k, v in self.module.state_dict().items()}
         self.loss_terms: list = []

@@ -79,7 +79,7 @@ class SequentialRecModule(lightning.LightningModule):
     def __init__(
         self, model: nn.Module, loss: str = "ce", lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
         valid_metric: str = "MRR@10", grad_clip: float | None = None,
-        seen_sequences: Mapping[int, np.ndarray] | None = None,
+        seen_sequences: Mapping[int, np.ndarray] | None = None, length_buckets: bool = True,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -90,6 +90,7 @@ class SequentialRecModule(lightning.LightningModule):
         self.loss_name, self.lr, self.weight_decay = loss, lr, weight_decay
         self.valid_metric, self.grad_clip = valid_metric, grad_clip
         self.seen_sequences = seen_sequences
+        self.length_buckets = length_buckets  # see by_length: same loss, less work on padding
         self.generator = torch.Generator().manual_seed(seed)
         self._val_ranks: list[np.ndarray] = []
 
@@ -99,12 +100,40 @@ class SequentialRecModule(lightning.LightningModule):
         draw = torch.randint(1, n, target.shape, generator=self.generator).to(target.device)  # 1..N-1
         return draw + (draw >= target).long()  # skip the target: uniform over 1..N \ {target}
 
+    def by_length(self, fn, history: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """``fn(history, *rest)`` computed on length buckets, rows back in the batch's order.
+
+        Histories are left-padded to ``max_len`` (50) while most Beauty histories hold < 8 items, so a batch
+        spends most of its attention and feed-forward work on padding. Rows are grouped by real length into
+        buckets of width 1, 2, 4, ... and each bucket keeps only its last (longest real length) columns.
+        Padding never changes a real row's output (keys are masked and position ids count real items), so
+        the result equals one pass over the whole batch, and the optimiser step still averages over the
+        same batch: only the cost changes. Dropout draws differ in shape, not in distribution.
+        """
+        if not self.length_buckets:
+            return fn(history, *rest)
+        lengths = (history != 0).sum(1)  # [B]
+        outs, rows_all, low = [], [], -1
+        width = history.shape[1]
+        edge = 1
+        while low < width:
+            high = min(edge, width)
+            rows = torch.nonzero((lengths > low) & (lengths <= high)).squeeze(1)
+            if len(rows):
+                outs.append(fn(history[rows][:, width - high :], *(r[rows] for r in rest)))
+                rows_all.append(rows)
+            low, edge = high, edge * 2
+        order = torch.cat(rows_all)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return torch.cat(outs)[inverse]
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history, target = batch["history"], batch["target"]  # [B, L], [B]
         if self.loss_name == "ce":
-            return F.cross_entropy(self.model.score_all(history), target)  # column 0 is -inf
+            return F.cross_entropy(self.by_length(self.model.score_all, history), target)  # column 0 is -inf
         items = torch.stack([target, self.sample_negatives(target)], dim=1)  # [B, 2]
-        scores = self.model.score(history, items)  # [B, 2]
+        scores = self.by_length(self.model.score, history, items)  # [B, 2]
         return -F.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
