@@ -1,6 +1,7 @@
 """End to end through `python -m recsim.run`: every spine method, a real-data slice, determinism,
 resume after an interruption, and a seed sweep merged by `python -m recsim.tables`."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,7 +64,10 @@ def test_real_data_slice(tmp_path, data_dir):
     run(["backbone=tiny_llama", "debug=smoke", "dataset=beauty", "dataset.sample_users=40", "method=finetune"], out)
     df = pd.read_csv(out / "results.csv")
     assert (df.dataset == "beauty").all() and len(df[df.eval_mode == "candidates"]) > 0
-    assert pd.read_json(out / "dataset_stats.json", typ="series")["users"] == 40
+    stats = json.loads((out / "dataset_stats.json").read_text())
+    assert stats["sample"]["users"] == 40 and stats["full"]["users"] == 22332  # the sample, and the whole data
+    # T comes from the whole dataset (the 40-user sample alone would give 2014-05-22)
+    assert json.loads((out / "protocol.json").read_text())["cut_dates"] == ["2014-03-07"]
 
 
 def test_same_seed_same_results_and_resume(tmp_path):
