@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 RUN_DIR ?= outputs/default
 run: install  ## the default continual experiment: synthetic data, pretrained SmolLM2-135M, base vs finetune
 	$(PY) -m recsim.run -m experiment=default method=base,finetune hydra.sweep.dir=$(RUN_DIR)
-	$(PY) -m recsim.tables $(RUN_DIR) --metrics HR@1,HR@3,NDCG@3,NDCG@10
+	$(PY) -m recsim.tables $(RUN_DIR) --metrics HR@1,HR@3,NDCG@3,NDCG@10 --baseline base
 
 test: install  ## the whole suite (slow tests included)
 	$(PY) -m pytest -q

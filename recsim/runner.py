@@ -101,7 +101,9 @@ def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
     The stage's visible validation split (`visible_validation`) drives the classic models' early
     stopping and, with `trainer.checkpoint_selection.mode=best_val`, which checkpoint the fit keeps."""
     rec.module.to(compute_device(cfg))  # Lightning's teardown moves the model back to the CPU after a fit
-    optim, batch_size = rec.schedule(method.schedule_index(stage))  # Retrain: stage 0's schedule
+    valid = visible_validation(protocol, stage) if protocol is not None else None
+    # Retrain: stage 0's schedule; classic models stop early on `valid` when there is one
+    optim, batch_size = rec.schedule(method.schedule_index(stage), validated=valid is not None)
     seed = _stage_seed(cfg.seed, stage.index)
     before = {n: p.detach().clone() for n, p in rec.tracked_parameters().items()}
     method.report, method.extra_trainable = {}, 0
@@ -117,7 +119,6 @@ def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
         if samples:
             method.before_update(stage, rec, samples)
             trainable = sum(p.numel() for p in rec.module.parameters() if p.requires_grad) + method.extra_trainable
-            valid = visible_validation(protocol, stage) if protocol is not None else None
             selection = cfg.trainer.get("checkpoint_selection") or {}
             chooser = None
             if valid is not None and selection.get("mode", "last") == "best_val":
@@ -129,6 +130,10 @@ def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
             if chooser:
                 method.report.update(chooser.summary())
             method.after_update(stage, rec)
+    if samples and stage.index > 0 and protocol is not None:
+        kl = _kl_on_inactive_users(cfg, protocol, stage, rec, method, before)
+        if kl is not None:
+            method.report["kl_UI_after_update"] = kl
     if not samples:
         return {"train_samples": 0, "trainable_params": 0, "changed_params": 0, "update_seconds": 0.0}
     changed = sum(int((p.detach() != before[n]).sum()) for n, p in rec.tracked_parameters().items() if n in before)
@@ -163,6 +168,25 @@ def visible_validation(protocol, stage) -> EvalSplit | None:
             samples[group] = [rows[i] for i in keep]
             cands[group] = split.candidates[group][keep]
     return EvalSplit(split.name, samples, cands, role="valid") if samples else None
+
+
+def _kl_on_inactive_users(cfg, protocol, stage, rec, method, before: dict) -> float | None:
+    """KL(p_before ‖ p_after) per answer token on the U_I test prompts of the stage's split: how far the
+    update moved the predictions of users it should leave alone (EvoRec's λ curve). Only for an LLM whose
+    inference is its default adapter (LSAT scores an ensemble, so the figure would not describe it)."""
+    from recsim.methods.base import ContinualMethod
+    from recsim.methods.kl import kl_after_update
+
+    if rec.kind != "llm" or not cfg.eval.get("kl_after_update", True):
+        return None
+    if type(method).score_candidates is not ContinualMethod.score_candidates:
+        return None
+    samples = protocol.splits[stage.eval_split].samples.get("U_I", [])[: cfg.eval.get("kl_samples", 256)]
+    if not samples:
+        return None
+    anchor = {n: v for n, v in before.items() if "lora_" in n}
+    with torch.no_grad():
+        return kl_after_update(rec.module, anchor, samples, cfg.eval.batch_size)
 
 
 def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]:
@@ -338,7 +362,8 @@ def run(cfg: DictConfig) -> Path:
             quality = pd.DataFrame([{**base_cols, **r} for r in rows])
         cost = [{**base_cols, "eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
                  "split": "-", "group": "-", "metric": key, "value": float(eff[key])}
-                for key in ("train_samples", "trainable_params", "changed_params", "update_seconds", "peak_mem_mb")
+                for key in ("train_samples", "trainable_params", "changed_params", "update_seconds", "peak_mem_mb",
+                            "kl_UI_after_update")
                 if key in eff]
         frame = pd.concat([quality, pd.DataFrame(cost)], ignore_index=True)
         last_quality = quality

@@ -120,7 +120,7 @@ EVAL = {
     "eval.modes": subset("candidates", "generation"), "eval.ks": integers(1), "eval.negatives": integer(1),
     "eval.full_ranking": boolean(), "eval.all_splits": boolean(), "eval.batch_size": integer(1),
     "eval.n_boot": integer(1), "eval.r_metric": text(), "eval.table_metrics": strings(),
-    "eval.validation": boolean(),
+    "eval.validation": boolean(), "eval.kl_after_update": boolean(), "eval.kl_samples": integer(1),
 }
 
 OPTIM = {"lr": number(0, lo_open=True), "weight_decay": number(0), "scheduler": one_of("constant", "cosine"),
@@ -195,7 +195,8 @@ METHOD_BY_NAME = {
         "t": number(0, 1, lo_open=True), "k": integer(0), "lam": number(0), "filter": text(),
         "forget_scope": one_of("window", "all"), "kl_samples": integer(1), "kl_batch_size": integer(1),
         "locate.rule": one_of("mean_cosine", "vote"), "locate.pooling": one_of("last", "mean"),
-        "locate.max_users": integer(1)}.items()},
+        "locate.max_users": integer(1), "kl.positions": one_of("answer", "all"),
+        "kl.reduction": one_of("token_mean", "sum"), "forget_backfill": boolean()}.items()},
     "ewc": {"method.lam": number(0), "method.fisher_samples": integer(1), "method.fisher_batch_size": integer(1)},
     "ftkl": {"method.lam": number(0)},
     "lsat": {"method.long_epochs": integer(0), "method.long_samples": integer(1, null=True),

@@ -23,7 +23,7 @@ def test_retrain_fits_with_stage_zeros_schedule_and_others_with_the_update_one()
 def test_fit_stage_asks_the_method_whose_schedule_to_use():
     asked = []
     rec = SimpleNamespace(module=torch.nn.Linear(1, 1), tracked_parameters=dict,
-                          schedule=lambda i: asked.append(i) or (OmegaConf.create({"epochs": 1}), 8))
+                          schedule=lambda i, validated=True: asked.append(i) or (OmegaConf.create({"epochs": 1}), 8))
     method = Retrain(None)
     method.training_samples = lambda stage, rec: []  # no update: fit_stage stops after choosing the schedule
     cfg = OmegaConf.create({"seed": 0, "trainer": {"accelerator": "cpu", "max_train_samples": None}})

@@ -109,7 +109,7 @@ class EvoRec(ContinualMethod):
                 raise ValueError(f"method.filter={self.cfg.filter!r} is not one of {sorted(self.cfg.filters)}")
             spec = self.cfg.filters[self.cfg.filter]
             result = train_filter(spec.kind, self.protocol.data.num_items, old, new, spec,
-                                  seed=self.cfg.seed * 1000 + stage.index)
+                                  seed=self.cfg.seed * 1000 + stage.index, trainer_cfg=rec.cfg.trainer)
             # scope=window: only the old items some update prompt shows can be forgotten to any effect;
             # an LLM prompt shows the newest `max_history` of the protocol's window
             shown = min(window, rec.history_shown or window)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import lightning
 import numpy as np
 import torch
 from torch import nn
@@ -101,7 +100,8 @@ def _fit(module: SequentialRecModule, samples: list[Sample], cfg, epochs: int, s
 
 
 def train_filter(
-    kind: str, num_items: int, old_samples: list[Sample], new_samples: list[Sample], cfg, seed: int = 0
+    kind: str, num_items: int, old_samples: list[Sample], new_samples: list[Sample], cfg, seed: int = 0,
+    trainer_cfg=None,
 ) -> FilterResult:
     """Pre-train filter ``kind`` on ``old_samples`` (pre-T) for ``cfg.epochs``, then fine-tune it on
     ``new_samples`` for ``cfg.finetune_epochs``. The same seed gives the same filter.
@@ -109,12 +109,14 @@ def train_filter(
     ``cfg`` carries the keys of ``conf/method/filter/*.yaml``: model arguments (:data:`MODEL_KEYS`),
     ``lr``, ``loss``, ``epochs``, ``finetune_epochs``, ``batch_size``, ``max_len``. Each phase has its
     own optimiser (a fresh Trainer), as a fine-tune started from a saved checkpoint would.
+    ``trainer_cfg`` (the run's ``cfg.trainer``) gives both Trainers their accelerator, precision and
+    determinism; None keeps the filter's own defaults.
     """
     torch.manual_seed(seed)  # initial weights
     model = build_sequential(kind, num_items, **model_args(kind, cfg))
     module = SequentialRecModule(model, loss=cfg["loss"], lr=float(cfg["lr"]), seed=seed)
-    pretrain = _fit(module, old_samples, cfg, cfg["epochs"], seed)
-    finetune = _fit(module, new_samples, cfg, cfg["finetune_epochs"], seed + 1)
+    pretrain = _fit(module, old_samples, cfg, cfg["epochs"], seed, trainer_cfg)
+    finetune = _fit(module, new_samples, cfg, cfg["finetune_epochs"], seed + 1, trainer_cfg)
     model = module.model.cpu().eval()
     return FilterResult(model, pretrain, finetune)
 

@@ -52,8 +52,8 @@ class LLMRecommender:
     def collate(self, samples: list[Sample]) -> dict:
         return self.module.collate(samples)
 
-    def schedule(self, stage_index: int):
-        """(optimiser settings, batch size) of stage 0's training or of a later update."""
+    def schedule(self, stage_index: int, validated: bool = True):
+        """(optimiser settings, batch size) of stage 0's training or of a later update (`validated`: unused)."""
         t = self.cfg.trainer
         return t["base" if stage_index == 0 else "update"], t.batch_size  # t.update is DictConfig.update
 
@@ -151,10 +151,12 @@ class SequentialRecommender:
         """How many of a sample's newest history items the model reads (None: all of them)."""
         return self.cfg.backbone.get("max_len")
 
-    def schedule(self, stage_index: int):
+    def schedule(self, stage_index: int, validated: bool = True):
+        """With early stopping and a validation split, `max_epochs` is only an upper bound; a fit with no
+        validation split to stop on (e.g. a stage whose validation targets lie in its future) trains `epochs`."""
         bb = self.cfg.backbone
         stop = bb.get("early_stopping")
-        epochs = stop.max_epochs if stop else bb.epochs  # with early stopping, epochs is only an upper bound
+        epochs = stop.max_epochs if stop and validated else bb.epochs
         return OmegaConf.create({"lr": bb.lr, "epochs": epochs, "max_steps": None}), bb.batch_size
 
     def collate(self, samples):
