@@ -12,7 +12,6 @@ from recsim.eval.continual import (
     forgetting,
     forgetting_per_stage,
     forward_transfer,
-    matrix_to_markdown,
 )
 
 # rows: model after stage i; columns: stage j's split
@@ -59,13 +58,3 @@ def test_missing_cells_propagate_nan():
 def test_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         continual_summary(np.zeros((2, 3)))
-
-
-def test_matrix_to_markdown():
-    lower = R.copy()
-    lower[0, 2] = np.nan
-    text = matrix_to_markdown(lower, ["s0", "s1", "s2"], ["t0", "t1", "t2"], fmt=".2f")
-    lines = text.strip().splitlines()
-    assert lines[0] == "| model \\ split | t0 | t1 | t2 |"
-    assert lines[2] == "| s0 | 0.50 | 0.20 | - |"
-    assert len(lines) == 5

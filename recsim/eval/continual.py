@@ -12,7 +12,6 @@ All figures are in the metric's own units (differences of NDCG, say), not percen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -98,26 +97,3 @@ def continual_summary(R) -> dict[str, float]:
         "forgetting": forgetting(R),
         "forward_transfer": forward_transfer(R),
     }
-
-
-def matrix_to_markdown(
-    R,
-    row_labels: Sequence[str] | None = None,
-    col_labels: Sequence[str] | None = None,
-    fmt: str = ".4f",
-) -> str:
-    """R as a markdown table: rows = model after stage i, columns = evaluation split j; NaN -> '-'."""
-    R = _check(R)
-    S = len(R)
-    rows = list(row_labels) if row_labels is not None else [f"after stage {i}" for i in range(S)]
-    cols = list(col_labels) if col_labels is not None else [f"split {j}" for j in range(S)]
-    if len(rows) != S or len(cols) != S:
-        raise ValueError(f"need {S} row and {S} column labels, got {len(rows)} and {len(cols)}")
-    lines = [
-        "| model \\ split | " + " | ".join(cols) + " |",
-        "|---|" + "---:|" * S,
-    ]
-    for label, row in zip(rows, R):
-        cells = ["-" if np.isnan(x) else format(x, fmt) for x in row]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

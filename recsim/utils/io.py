@@ -31,12 +31,3 @@ def publish_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def frame_to_markdown(frame: pd.DataFrame) -> str:
-    """A pivoted DataFrame as a GitHub markdown table (index levels become the first columns)."""
-    flat = frame.reset_index()
-    names = [" / ".join(str(p) for p in c if str(p)) if isinstance(c, tuple) else str(c) for c in flat.columns]
-    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
-    lines += ["| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |" for row in flat.itertuples(index=False)]
-    return "\n".join(lines)
