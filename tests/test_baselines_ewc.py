@@ -95,3 +95,34 @@ def test_ewc_rejects_a_non_positive_fisher_sample_count():
     rec = SimpleNamespace(set_trainable=lambda *a, **k: 0)
     with pytest.raises(ValueError, match="fisher_samples=0"):
         method.before_update(stage, rec, samples=[])
+
+
+def test_fisher_cache_reuses_exactly_this_model_state_and_these_samples(tmp_path, monkeypatch):
+    """A λ sweep computes F once: a second EWC on the same model and samples reads it back (no new
+    computation, identical F); a changed trainable weight gives a new entry."""
+    ranker = tiny_ranker()
+    calls = []
+    real = ewc_mod.diagonal_fisher
+    monkeypatch.setattr(ewc_mod, "diagonal_fisher", lambda *a: calls.append(1) or real(*a))
+    seqs = {0: np.array([1, 2, 3, 4]), 1: np.array([5, 6, 7, 8])}
+    stage = SimpleNamespace(index=1, sequences=seqs, boundary={0: 3, 1: 3}, cumulative_targets={0: [1, 2, 3], 1: [1, 2, 3]})
+
+    def run_ewc(cache: bool):
+        method = ewc_mod.EWC(compose(["method=ewc", f"method.fisher_cache={str(cache).lower()}"]).method)
+        method.protocol = SimpleNamespace(window=5)
+        terms = []
+        rec = SimpleNamespace(module=ranker, cache_dir=tmp_path, base_hash="b", set_trainable=lambda *a, **k: 0,
+                              add_loss_term=terms.append)
+        method.before_update(stage, rec, samples=[])
+        return {id(p): f for p, f, _ in terms[0].terms}, method.report
+
+    first, r1 = run_ewc(True)
+    second, r2 = run_ewc(True)
+    assert len(calls) == 1 and not r1["fisher_from_cache"] and r2["fisher_from_cache"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    run_ewc(False)
+    assert len(calls) == 2  # off: always computed
+    with torch.no_grad():
+        next(p for p in ranker.parameters() if p.requires_grad).add_(0.1)
+    run_ewc(True)
+    assert len(calls) == 3 and len(list((tmp_path / "fisher").iterdir())) == 2

@@ -14,13 +14,20 @@ Choices EWC's paper leaves open for this setting, and why:
 - `fisher_batch_size` samples at a time get their own gradients in one vectorised pass
   (torch.func.vmap of grad over functional_call); `fisher_batch_size: 1` is the plain loop, one
   backward pass per sample. Both give the same F (tests: to 1e-6).
+- `fisher_cache` (default off): keep F under `<cache_dir>/fisher/`, keyed by the model state and the
+  samples, so the runs of a λ sweep (same stage 0, same old samples) compute it once. Off by default so
+  an EWC row's update time always includes its Fisher; the report says when F came from the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from recsim.methods.base import ContinualMethod, register
 from recsim.protocols.base import make_samples
@@ -115,7 +122,37 @@ class EWC(ContinualMethod):
         if len(old) > n_max:
             keep = np.random.default_rng([self.cfg.seed, stage.index]).choice(len(old), n_max, replace=False)
             old = [old[i] for i in sorted(keep)]
-        fisher = diagonal_fisher(rec.module, old, int(self.cfg.get("fisher_batch_size", 8)))
+        batch_size = int(self.cfg.get("fisher_batch_size", 8))
+        cache = _fisher_cache_file(rec, old, batch_size) if self.cfg.get("fisher_cache") else None
+        hit = cache is not None and cache.is_file()
+        if hit:
+            fisher = {k: v.to(rec.module.device) for k, v in load_file(str(cache)).items()}
+        else:
+            fisher = diagonal_fisher(rec.module, old, batch_size)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(cache.name + ".tmp")
+                save_file({k: v.detach().cpu().contiguous() for k, v in fisher.items()}, str(tmp))
+                tmp.replace(cache)
         rec.add_loss_term(EWCPenalty(rec.module, fisher, self.cfg.lam))
-        self.report.update({"fisher_samples": len(old),
+        self.report.update({"fisher_samples": len(old), "fisher_from_cache": hit,
                             "fisher_mean": float(np.mean([f.mean().item() for f in fisher.values()]))})
+
+
+def _fisher_cache_file(rec, samples, batch_size: int) -> Path | None:
+    """Where the Fisher of exactly this model state and these samples is kept (a λ sweep computes it once).
+
+    The key hashes what F depends on: the base weights' hash, every trainable tensor's bytes, the token ids
+    and labels of every sample, and the batch size (vmap and the loop agree to 1e-6, not bit for bit)."""
+    root = getattr(rec, "cache_dir", None)
+    if root is None:
+        return None
+    h = hashlib.sha256(f"{getattr(rec, 'base_hash', '')}|{batch_size}".encode())
+    for name, p in sorted(rec.module.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().cpu().float().numpy().tobytes())
+    batch = rec.module.collate(samples)
+    for key in ("input_ids", "labels"):
+        h.update(batch[key].numpy().tobytes())
+    return Path(root) / "fisher" / f"{h.hexdigest()[:20]}.safetensors"

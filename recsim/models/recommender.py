@@ -31,6 +31,7 @@ class LLMRecommender:
     def __init__(self, cfg, data: EncodedData, cache_dir: str | Path, seed: int):
         self.cfg = cfg
         bb = cfg.backbone
+        self.cache_dir = Path(cache_dir)  # method-level caches (EWC's Fisher in a λ sweep)
         self.tokenizer = load_tokenizer(bb, cache_dir)
         base = load_base_model(bb, cache_dir, seed=seed)
         self.base_hash = weights_hash(base)
