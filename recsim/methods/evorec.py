@@ -28,6 +28,9 @@ At each update (stage r >= 1), with U_A the users active in the new window:
      paper's (prompts of hundreds of tokens), so λ ∈ [2e-5, 2e-3] runs from inert to dominant there,
      and reaches λ·M ≈ 1.3 at the cpu scale (sweep higher there). `answer` + `sum` (M ≈ 120) stays
      inert over the range. The authors' code averages its (disabled) term over all positions.
+     Measured with this default (H200, SmolLM2-135M, 600 Beauty users, docs/MEASURED.md): the KL of
+     U_I's predictions after the update falls 0.095 (λ = 0) → 0.093 (2e-5) → 0.077 (2e-4) → 0.028 (2e-3)
+     → 0.004 (2e-2) nats per answer token: the paper's range runs from barely acting to dominant.
 Stage 0 trains the initial model like every other method (all LoRA parameters).
 
 Choices where the paper is silent, all in config: which token's state is compared (`locate.pooling`:
@@ -109,7 +112,8 @@ class EvoRec(ContinualMethod):
                 raise ValueError(f"method.filter={self.cfg.filter!r} is not one of {sorted(self.cfg.filters)}")
             spec = self.cfg.filters[self.cfg.filter]
             result = train_filter(spec.kind, self.protocol.data.num_items, old, new, spec,
-                                  seed=self.cfg.seed * 1000 + stage.index, trainer_cfg=rec.cfg.trainer)
+                                  seed=self.cfg.seed * 1000 + stage.index,
+                                  trainer_cfg=getattr(getattr(rec, "cfg", None), "trainer", None))
             # scope=window: only the old items some update prompt shows can be forgotten to any effect;
             # an LLM prompt shows the newest `max_history` of the protocol's window
             shown = min(window, rec.history_shown or window)
