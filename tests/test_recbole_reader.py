@@ -113,5 +113,6 @@ def test_dataset_config_composes():
     from tests.conftest import compose
 
     cfg = compose(["dataset=recbole", "dataset.folder=tiny", f"dataset.data_dir={FIXTURES}", "dataset.k_core=2"])
-    assert cfg.dataset.reader == "recbole" and cfg.dataset.name == "tiny" and cfg.dataset.title_field == "title"
+    assert cfg.dataset.reader == "recbole" and cfg.dataset.name == "recbole" and cfg.dataset.title_field == "title"
+    assert compose(["dataset=recbole", "dataset.folder=tiny", "dataset.name=tiny"]).dataset.name == "tiny"
     assert counts(load_dataset(cfg.dataset, cache_dir=None)) == (4, 3, 9)
