@@ -96,10 +96,11 @@ def test_seed_sweep_and_tables(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = pd.read_csv(sweep / "summary.csv")
     row = summary[(summary.method == "finetune") & (summary.metric == "HR@1") & (summary.group == "all")
-                  & (summary.eval_mode == "candidates") & (summary.stage == 1)]
+                  & (summary.eval_mode == "candidates") & (summary.stage == 1) & (summary.split == "round1")]
     assert len(row) == 1 and row.n_seeds.iloc[0] == 2
     per_seed = [pd.read_csv(p / "results.csv") for p in runs if "finetune" in p.name]
-    values = [d[(d.metric == "HR@1") & (d.group == "all") & (d.eval_mode == "candidates") & (d.stage == 1)].value.iloc[0]
+    values = [d[(d.metric == "HR@1") & (d.group == "all") & (d.eval_mode == "candidates") & (d.stage == 1)
+                & (d.split == "round1")].value.iloc[0]
               for d in per_seed]
     assert row["mean"].iloc[0] == pytest.approx(sum(values) / 2)
 
