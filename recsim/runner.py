@@ -33,7 +33,7 @@ from recsim.results import RANKS_FILE, RESULT_COLUMNS, load_ranks, matrix_markdo
 from recsim.selection import BestOnValidation
 from recsim.utils.io import publish_dir, write_csv, write_json, write_text
 from recsim.utils.resources import UpdateMeter
-from recsim.training import build_trainer
+from recsim.training import build_trainer, uses_gpu
 from recsim.utils.state import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,7 @@ def train(cfg, rec, samples, optim, batch_size: int, seed: int, out: Path, log_v
 
 
 def compute_device(cfg) -> torch.device:
-    gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return torch.device("cuda" if gpu else "cpu")
+    return torch.device("cuda" if uses_gpu(cfg.trainer.accelerator) else "cpu")
 
 
 def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
