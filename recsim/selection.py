@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from recsim.eval.metrics import per_user_metrics, ranks_from_scores
+from recsim.eval.metrics import metric_values
 
 log = logging.getLogger(__name__)
 MODES = ("last", "best_val")
@@ -31,17 +31,11 @@ def validation_score(method, rec, split, metric: str, batch_size: int) -> tuple[
     for group, samples in split.samples.items():
         if not samples:
             continue
-        scores = method.score_candidates(rec, samples, split.candidates[group], batch_size)
-        k = _cutoff(metric)
-        values.append(per_user_metrics(ranks_from_scores(scores), [k] if k else [1])[metric])
+        values.append(metric_values(method.score_candidates(rec, samples, split.candidates[group], batch_size), metric))
     if not values:
         return float("nan"), 0
     pooled = np.concatenate(values)
     return float(pooled.mean()), len(pooled)
-
-
-def _cutoff(metric: str) -> int | None:
-    return int(metric.split("@")[1]) if "@" in metric else None
 
 
 class BestOnValidation(L.Callback):

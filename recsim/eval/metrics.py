@@ -216,3 +216,13 @@ def summarise(
             {"metric": name, "value": value, "ci_low": low, "ci_high": high, "n_users": len(ranks)}
         )
     return rows
+
+
+def metric_values(scores, metric: str) -> np.ndarray:
+    """Per-row `metric` (HR@K, NDCG@K, Recall@K or MRR) of candidate scores [n, C], positive in column 0:
+    what validation-based choices (LSAT's weight, checkpoint selection) compare."""
+    _, _, k = metric.partition("@")
+    values = per_user_metrics(ranks_from_scores(scores), [int(k)] if k.isdigit() else [1])
+    if metric not in values:
+        raise ValueError(f"metric {metric!r}: expected HR@K, NDCG@K, Recall@K or MRR")
+    return values[metric]

@@ -39,7 +39,7 @@ import torch
 from omegaconf import OmegaConf
 
 from recsim.backbones import lora as lora_ops
-from recsim.eval.metrics import per_user_metrics, ranks_from_scores
+from recsim.eval.metrics import metric_values
 from recsim.methods.base import ContinualMethod, register
 from recsim.protocols.base import make_samples
 
@@ -47,15 +47,6 @@ log = logging.getLogger(__name__)
 SHORT = "short"
 LONG_TERM = ("retrain", "continue")
 COMBINE = ("ensemble", "merge")
-
-
-def _metric_values(scores: np.ndarray, metric: str) -> np.ndarray:
-    """Per-user `metric` (e.g. NDCG@10, HR@3, MRR) of candidate scores [n, C], positive in column 0."""
-    _, _, k = metric.partition("@")
-    values = per_user_metrics(ranks_from_scores(scores), [int(k)] if k.isdigit() else [1])
-    if metric not in values:
-        raise ValueError(f"method.select_metric={metric!r}: expected HR@K, NDCG@K, Recall@K or MRR")
-    return values[metric]
 
 
 @register
@@ -73,7 +64,10 @@ class LSAT(ContinualMethod):
         grid = list(self.cfg.weight_grid)
         if not grid or any(not 0 <= float(w) <= 1 for w in grid):
             raise ValueError(f"method.weight_grid={grid}: expected a non-empty list of weights in [0, 1]")
-        _metric_values(np.zeros((1, 2)), self.cfg.select_metric)  # a bad metric name fails now, not after training
+        try:  # a bad metric name fails now, not after training
+            metric_values(np.zeros((1, 2)), self.cfg.select_metric)
+        except ValueError:
+            raise ValueError(f"method.select_metric={self.cfg.select_metric!r}: expected HR@K, NDCG@K, Recall@K or MRR") from None
         with torch.random.fork_rng():
             torch.manual_seed(self.cfg.seed)
             rec.model.add_adapter(SHORT, copy.deepcopy(rec.model.peft_config["default"]))
@@ -134,7 +128,7 @@ class LSAT(ContinualMethod):
             else:
                 scored = {w: self._merged_scores(rec, samples, cands, w) for w in grid}
             for w in grid:
-                per_weight[w].append(_metric_values(scored[w], self.cfg.select_metric))
+                per_weight[w].append(metric_values(scored[w], self.cfg.select_metric))
         values = {w: float(np.concatenate(v).mean()) if v else float("nan") for w, v in per_weight.items()}
         best = max(grid, key=lambda w: (values[w], -grid.index(w)))  # the first w of the highest value
         metric = self.cfg.select_metric
