@@ -32,7 +32,7 @@ from recsim.protocols.prepare import prepare_protocol, save_prepared
 from recsim.results import RANKS_FILE, RESULT_COLUMNS, load_ranks, matrix_markdown, render_run_markdown, save_ranks  # noqa: F401
 from recsim.selection import BestOnValidation
 from recsim.utils.io import publish_dir, write_csv, write_json, write_text
-from recsim.utils.resources import UpdateMeter
+from recsim.utils.resources import UpdateMeter, reuse_freed_memory
 from recsim.training import build_trainer, uses_gpu
 from recsim.utils.state import load_state, save_state
 
@@ -306,6 +306,8 @@ def run(cfg: DictConfig) -> Path:
     from recsim.schema import validate
 
     validate(cfg)  # every value's type and range, before any file is written or data read
+    if cfg.trainer.get("reuse_freed_memory", True):
+        reuse_freed_memory()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "DONE").exists():

@@ -143,6 +143,7 @@ TRAINER_OPTIONAL = {
                              or (isinstance(v, list) and v and all(_is_int(x) and x >= 0 for x in v)),
                              "auto, an integer >= 1 or a list of device indices"),
     "trainer.strategy": text(), "trainer.accumulate_grad_batches": integer(1), "trainer.compile": boolean(),
+    "trainer.reuse_freed_memory": boolean(),
     "trainer.num_nodes": integer(1),
     "trainer.checkpoint_selection.mode": one_of("last", "best_val"),
     "trainer.checkpoint_selection.metric": text(),

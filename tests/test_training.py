@@ -133,3 +133,29 @@ def test_filter_fit_inherits_accelerator_precision_deterministic(monkeypatch):
     assert built[0][0] == {"accelerator": gpu, "precision": "32-true", "deterministic": True}
     assert built[1][0] == {"accelerator": "cpu", "precision": "bf16-mixed", "deterministic": False}
     assert built[0][1]["max_epochs"] == 2
+
+
+def test_reuse_freed_memory_keeps_a_freed_large_block_resident():
+    """With glibc's mmap off, a freed 256 MB tensor stays in the heap (RSS stays up) instead of being
+    unmapped; without the setting it is returned to the OS at once. Run in fresh processes: the setting
+    is process-wide."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, psutil, torch
+from recsim.utils.resources import reuse_freed_memory
+applied = reuse_freed_memory() if sys.argv[1] == "on" else None
+proc = psutil.Process()
+x = torch.ones(64, 1024, 1024)   # 256 MB, touched
+del x
+print(applied, proc.memory_info().rss)
+"""
+    out = {}
+    for mode in ("on", "off"):
+        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        applied, rss = res.stdout.split()
+        out[mode] = (applied, int(rss))
+    if out["on"][0] != "True":
+        pytest.skip("not glibc: mallopt unavailable")
+    assert out["on"][1] - out["off"][1] > 200 * 2**20
