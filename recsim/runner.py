@@ -67,6 +67,18 @@ def _loggers(cfg, out: Path, version: str):
     return loggers
 
 
+def training_loader(cfg, rec, samples, batch_size: int, seed: int) -> DataLoader:
+    """Seeded shuffled batches, or with `trainer.group_by_length` (LLMs) batches of similar token counts:
+    less padding per step, from transformers' seeded mega-batch sampler (see conf/trainer/default.yaml)."""
+    generator = torch.Generator().manual_seed(seed)
+    if cfg.trainer.get("group_by_length") and hasattr(rec, "sample_length"):
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(batch_size, lengths=[rec.sample_length(s) for s in samples], generator=generator)
+        return DataLoader(samples, batch_size=batch_size, sampler=sampler, collate_fn=rec.collate)
+    return DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=rec.collate, generator=generator)
+
+
 def train(cfg, rec, samples, optim, batch_size: int, seed: int, out: Path, log_version: str,
           val_samples=None, callbacks=None) -> None:
     """Fit `rec.module` on `samples` with a fresh Lightning Trainer (whatever is trainable now trains).
@@ -75,8 +87,7 @@ def train(cfg, rec, samples, optim, batch_size: int, seed: int, out: Path, log_v
     the fit validates on them after every epoch and those callbacks decide when to stop. `callbacks`
     are added as they are (e.g. recsim.selection's checkpoint selection)."""
     rec.set_optim(optim)
-    loader = DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=rec.collate,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = training_loader(cfg, rec, samples, batch_size, seed)
     validate = bool(val_samples) and hasattr(rec, "callbacks")
     extra = [*(rec.callbacks() if validate else []), *(callbacks or [])]
     trainer = build_trainer(cfg.trainer, max_epochs=optim.epochs, max_steps=optim.get("max_steps"),

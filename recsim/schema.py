@@ -144,6 +144,7 @@ TRAINER_OPTIONAL = {
                              "auto, an integer >= 1 or a list of device indices"),
     "trainer.strategy": text(), "trainer.accumulate_grad_batches": integer(1), "trainer.compile": boolean(),
     "trainer.reuse_freed_memory": boolean(),
+    "trainer.group_by_length": boolean(), "trainer.log_every_n_steps": integer(1),
     "trainer.num_nodes": integer(1),
     "trainer.checkpoint_selection.mode": one_of("last", "best_val"),
     "trainer.checkpoint_selection.metric": text(),

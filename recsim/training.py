@@ -4,7 +4,8 @@ method, EvoRec's filter) reads its device and numerics settings from `cfg.traine
 Keys of `conf/trainer/default.yaml` read here, each with a default so a config written before it still
 works: accelerator (auto), devices (1), strategy (auto), num_nodes (1), precision (null: bf16-mixed when
 the fit runs on a GPU, 32-true on CPU), deterministic (true), gradient_clip_val (null), accumulate_grad_batches
-(1), compile (false), progress_bar (false).
+(1), compile (false), progress_bar (false), log_every_n_steps (1; on a GPU, logging every step
+syncs the host with the device at every step).
 
 `compile: true` compiles the LightningModule's `model` sub-module (the network its training_step calls;
 the module itself when it has none) in place with `nn.Module.compile`, at the Trainer's setup. In place,
@@ -22,7 +23,7 @@ import torch
 
 DEFAULTS = {"accelerator": "auto", "devices": 1, "strategy": "auto", "num_nodes": 1, "precision": None,
             "deterministic": True, "gradient_clip_val": None, "accumulate_grad_batches": 1, "compile": False,
-            "progress_bar": False}
+            "progress_bar": False, "log_every_n_steps": 1}
 
 
 def uses_gpu(accelerator: str) -> bool:
@@ -67,5 +68,5 @@ def build_trainer(trainer_cfg: Mapping | None, *, max_epochs: int, max_steps: in
         logger=loggers, callbacks=callbacks, enable_checkpointing=False, num_sanity_val_steps=0,
         limit_val_batches=None if enable_validation else 0,
         enable_progress_bar=bool(t["progress_bar"] if progress_bar is None else progress_bar),
-        enable_model_summary=False, log_every_n_steps=1,
+        enable_model_summary=False, log_every_n_steps=int(t["log_every_n_steps"]),
     )

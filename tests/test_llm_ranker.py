@@ -189,3 +189,16 @@ def test_generation_tells_apart_titles_equal_after_the_word_cut(monkeypatch):
     assert "- Velvet Rose Lipstick number 1\n" in prompts[0] and "- Velvet Rose Lipstick number 9\n" in prompts[0]
     assert "- Velvet Coral Lipstick\n" in prompts[0]  # a title without a clash keeps the cut
     assert ranks.tolist() == [1] and stats == {"generated": 3, "invalid": 0, "empty_lists": 0}
+
+
+def test_prompt_ids_are_tokenised_once_per_shown_history(monkeypatch):
+    ranker = tiny_ranker()
+    want = ranker.tok(ranker.prompt_for((1, 2, 3)), add_special_tokens=False).input_ids
+    calls = []
+    real = ranker.tok.__class__.__call__
+    monkeypatch.setattr(ranker.tok.__class__, "__call__", lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
+    assert ranker.prompt_ids((1, 2, 3)) == want and ranker.prompt_ids([1, 2, 3]) == want
+    long = tuple(range(1, 15))  # max_history 10: shows the same 10 titles as its suffix
+    assert ranker.prompt_ids(long) == ranker.prompt_ids(long[-10:])
+    assert len(calls) == 2  # (1, 2, 3) once, the 10 shown titles once
+    assert ranker.sample_length(Sample(0, (1, 2, 3), 4)) == len(want) + len(ranker.answer_ids(4))

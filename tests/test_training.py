@@ -159,3 +159,33 @@ print(applied, proc.memory_info().rss)
     if out["on"][0] != "True":
         pytest.skip("not glibc: mallopt unavailable")
     assert out["on"][1] - out["off"][1] > 200 * 2**20
+
+
+def test_log_every_n_steps_reaches_the_trainer(recorded):
+    assert build_trainer({**CFG, "log_every_n_steps": 25}, max_epochs=1)["log_every_n_steps"] == 25
+    assert build_trainer(CFG, max_epochs=1)["log_every_n_steps"] == 1  # the default: every step, as before
+
+
+class _Lengths:
+    """A recommender stand-in whose samples are their own token counts."""
+
+    def collate(self, batch):
+        return batch
+
+    def sample_length(self, sample):
+        return sample
+
+
+def test_group_by_length_batches_similar_lengths_and_is_seeded():
+    from recsim.runner import training_loader
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 300, (400,), generator=rng).tolist()
+    cfg = OmegaConf.create({"trainer": {"group_by_length": True}})
+    grouped = list(training_loader(cfg, _Lengths(), lengths, 8, seed=3))
+    shuffled = list(training_loader(OmegaConf.create({"trainer": {}}), _Lengths(), lengths, 8, seed=3))
+    padded = lambda batches: sum(len(b) * max(b) for b in batches)  # tokens a left-padded batch computes
+    assert sorted(x for b in grouped for x in b) == sorted(lengths)  # every sample once per epoch
+    assert padded(grouped) < 0.75 * padded(shuffled)  # hand check: sorted mega-batches of 400 ≈ no padding
+    assert grouped == list(training_loader(cfg, _Lengths(), lengths, 8, seed=3))  # same seed, same batches
+    assert grouped != list(training_loader(cfg, _Lengths(), lengths, 8, seed=4))

@@ -52,6 +52,7 @@ class LLMRanker(L.LightningModule):
         self.optim_cfg = optim_cfg
         self.loss_terms: list[LossTerm] = []  # extra loss terms a method adds (KL, EWC, ...)
         self._answer_ids: dict[int, list[int]] = {}
+        self._prompt_ids: dict[tuple, list[int]] = {}
 
     # ---- text -> tokens -------------------------------------------------------------------------
     @property
@@ -63,8 +64,18 @@ class LLMRanker(L.LightningModule):
         return history_prompt([self.titles[i] for i in hist], self.prompt_cfg.template, self.prompt_cfg.max_title_words)
 
     def prompt_ids(self, history) -> list[int]:
-        ids = self.tok(self.prompt_for(history), add_special_tokens=False).input_ids
-        return ids[-self.prompt_cfg.max_prompt_tokens :]  # safety net; the window and word cap bound it first
+        # a prompt depends only on the titles it shows: tokenise each distinct one once per process
+        # (every epoch, the KL batches and scoring ask again for the same prompts)
+        shown = tuple(history)[-self.prompt_cfg.max_history :]
+        ids = self._prompt_ids.get(shown)
+        if ids is None:
+            ids = self.tok(self.prompt_for(shown), add_special_tokens=False).input_ids
+            ids = self._prompt_ids[shown] = ids[-self.prompt_cfg.max_prompt_tokens :]  # safety net after the caps
+        return ids
+
+    def sample_length(self, sample: Sample) -> int:
+        """Tokens of a training sample (prompt + answer): what length-grouped batching sorts by."""
+        return len(self.prompt_ids(sample.history)) + len(self.answer_ids(sample.target))
 
     def answer_ids(self, item: int) -> list[int]:
         if item not in self._answer_ids:

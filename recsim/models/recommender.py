@@ -53,6 +53,9 @@ class LLMRecommender:
     def collate(self, samples: list[Sample]) -> dict:
         return self.module.collate(samples)
 
+    def sample_length(self, sample: Sample) -> int:
+        return self.module.sample_length(sample)
+
     def schedule(self, stage_index: int, validated: bool = True):
         """(optimiser settings, batch size) of stage 0's training or of a later update (`validated`: unused)."""
         t = self.cfg.trainer
