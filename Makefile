@@ -31,7 +31,7 @@ test: install  ## the whole suite (slow tests included)
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-reproduce-tables: install  ## SCALE=smoke|cpu|paper
+reproduce-tables: install  ## SCALE=smoke|cpu|gpu|paper
 	$(PY) -m recsim.reproduce --scale $(SCALE)
 
 clean:

@@ -35,7 +35,10 @@ def test_every_spec_parses_and_names_its_runs():
         for run in spec.runs:
             assert any(o.startswith("method=") for o in run.overrides), (spec.key, run.name)
     scales = load_scales(DEFAULT_EXPERIMENTS)
-    assert set(scales) == {"smoke", "cpu", "paper"}
+    assert set(scales) == {"smoke", "cpu", "gpu", "paper"}
+    gpu = scales["gpu"].overrides
+    assert "dataset.sample_users=5000" in gpu and "trainer.batch_size=16" in gpu  # the authors' effective batch
+    assert not any(o.startswith("trainer.max_train_samples") for o in gpu) and scales["gpu"].seeds == [1, 2, 3]
     assert "backbone=tiny_llama" in scales["smoke"].overrides and scales["smoke"].seeds == [1]
     assert "backbone=smollm2_135m" in scales["cpu"].overrides and scales["cpu"].seeds == [1, 2, 3]
     assert "backbone=qwen2_7b" in scales["paper"].overrides and scales["paper"].seeds == [1, 2, 3]
@@ -329,3 +332,16 @@ def test_inconsistent_seeds_mark_their_row_and_a_stale_run_warns(
     md = (out / "three" / "TABLES.md").read_text()
     assert "ERROR" in table_row(md, "EvoRec, 2 rounds")[13]
     assert table_row(md, "no update")[2] == "0.3500 ± 0.0000"  # the other row still renders
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_every_run_of_a_scale_composes_and_validates(scale):
+    """Every table run at this scale, as `recsim.reproduce` would launch it, passes the config schema."""
+    from conftest import compose
+    from recsim.schema import validate
+
+    sc = load_scales(DEFAULT_EXPERIMENTS)[scale]
+    for spec in load_specs(DEFAULT_EXPERIMENTS):
+        for run in spec.runs:
+            for ds in spec.datasets:
+                validate(compose([*run.overrides, f"dataset={ds}", *sc.overrides, f"seed={sc.seeds[0]}"]))

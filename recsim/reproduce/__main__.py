@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m recsim.reproduce",
         description="Run the paper tables' runs at one scale and render ours beside the paper's numbers.",
     )
-    parser.add_argument("--scale", required=True, help="smoke, cpu or paper (experiments/scales.yaml)")
+    parser.add_argument("--scale", required=True, help="smoke, cpu, gpu or paper (experiments/scales.yaml)")
     parser.add_argument("--tables", type=_parse_list, help="comma list of spec names (file stems); default all")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root (default outputs/reproduce)")
     parser.add_argument("--experiments", type=Path, default=DEFAULT_EXPERIMENTS, help="folder of table specs")
