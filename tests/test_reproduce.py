@@ -35,7 +35,8 @@ def test_every_spec_parses_and_names_its_runs():
         for run in spec.runs:
             assert any(o.startswith("method=") for o in run.overrides), (spec.key, run.name)
     scales = load_scales(DEFAULT_EXPERIMENTS)
-    assert set(scales) == {"smoke", "cpu", "gpu", "paper"}
+    assert set(scales) == {"smoke", "cpu", "cpu_gpu", "gpu", "paper"}
+    assert scales["cpu_gpu"].overrides == [*scales["cpu"].overrides, "trainer.precision=32-true"]
     gpu = scales["gpu"].overrides
     assert "dataset.sample_users=5000" in gpu and "trainer.batch_size=16" in gpu  # the authors' effective batch
     assert not any(o.startswith("trainer.max_train_samples") for o in gpu) and scales["gpu"].seeds == [1, 2, 3]
@@ -334,7 +335,7 @@ def test_inconsistent_seeds_mark_their_row_and_a_stale_run_warns(
     assert table_row(md, "no update")[2] == "0.3500 ± 0.0000"  # the other row still renders
 
 
-@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+@pytest.mark.parametrize("scale", ["cpu", "cpu_gpu", "gpu"])
 def test_every_run_of_a_scale_composes_and_validates(scale):
     """Every table run at this scale, as `recsim.reproduce` would launch it, passes the config schema."""
     from conftest import compose
