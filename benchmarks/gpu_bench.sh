@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# recsim.bench on one GPU (issue 12's figures), each variant one process, beside the plain-loop reference.
+#   OUT=<dir> LIMIT=<path to lora_limit.py> bash benchmarks/gpu_bench.sh [part ...]
+#   parts: limit train train1b score fullrank (default: all). Each variant writes <OUT>/<name>.json + .log.
+# Needs the staged SmolLM2 and Beauty (../shared/device/README.md): PYTHONPATH, RECSIM_CACHE, RECSIM_DATA.
+set -uo pipefail
+OUT=${OUT:?output dir}; mkdir -p "$OUT"
+PARTS=${*:-limit train train1b score fullrank}
+BEAUTY=(dataset=beauty dataset.sample_users=5000 trainer.progress_bar=false)
+FAST=(trainer.group_by_length=true trainer.log_every_n_steps=50)
+L1B=(backbone=tiny_llama backbone.name=llama32_1b_shape_random backbone.dtype=bfloat16 backbone.tiny.hidden_size=2048
+     backbone.tiny.intermediate_size=8192 backbone.tiny.num_layers=16 backbone.tiny.num_heads=32 backbone.tiny.num_kv_heads=8)
+bench() {  # <name> <what> <overrides...>
+  local name=$1 what=$2; shift 2
+  echo "== $name: recsim.bench $what $*"
+  timeout "${TMO:-300}" python3 -m recsim.bench "$what" "$@" "bench.out=$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "rc=$?"; grep -E "samples/s|tokens/s|MFU|users/s|effective batch|peak memory|seconds|achieved" "$OUT/$name.log" | head -12
+}
+for part in $PARTS; do case $part in
+  limit)   for c in 0 1; do echo "== lora_limit smollm2 256x256 compile=$c"
+             timeout 200 python3 "${LIMIT:?path to lora_limit.py}" smollm2 256 256 $c 2>&1 | tail -3 | tee -a "$OUT/lora_limit.log"; done
+           echo "== lora_limit llama1b 64x256 compile=1"
+           timeout 200 python3 "$LIMIT" llama1b 64 256 1 2>&1 | tail -3 | tee -a "$OUT/lora_limit.log" ;;
+  train)   bench train_b32_eager train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=32            # today's path
+           bench train_b16_gpu_scale train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}"
+           bench train_b256 train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=256 "${FAST[@]}"
+           bench train_b256_compile train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=256 "${FAST[@]}" \
+             trainer.compile=true bench.warmup=5 ;;
+  train1b) bench train_1b_b64_compile train "${L1B[@]}" "${BEAUTY[@]}" trainer.batch_size=64 "${FAST[@]}" \
+             trainer.compile=true bench.warmup=5 ;;
+  score)   for k in kv_repeat packed; do
+             bench "score_${k}_b64" score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=$k eval.batch_size=64 bench.users=2048
+           done
+           bench score_packed_b256 score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed eval.batch_size=256 bench.users=4096 ;;
+  fullrank) bench fullrank_synthetic fullrank backbone=sasrec bench.synthetic_scores=true bench.users=20000 bench.items=12000 ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac; done

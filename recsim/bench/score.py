@@ -1,0 +1,63 @@
+"""`score`: users/s of candidate scoring, the runner's evaluation path.
+
+What is timed is the call `recsim.runner.evaluate_stage` makes, `method.score_candidates(rec, samples,
+candidates, cfg.eval.batch_size)`, on the first `bench.users` users of stage 0's test split (every group,
+in the split's order) with their stored 1 + `eval.negatives` candidates, after `bench.warmup` untimed calls
+on one `eval.batch_size` batch. The model is the freshly built one (a new adapter): scoring costs the same
+whatever the adapter's values. Peak memory covers the timed call only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recsim.bench.report import fmt, weights_dtype
+from recsim.bench.timing import timed
+
+
+def split_users(protocol, users: int):
+    """(samples, candidates [n, C]) of the first `users` users of stage 0's test split, groups in order."""
+    split = protocol.splits[protocol.stages[0].eval_split]
+    groups = [g for g, s in split.samples.items() if s]
+    samples = [s for g in groups for s in split.samples[g]][:users]
+    candidates = np.concatenate([split.candidates[g] for g in groups])[:users] if groups else np.zeros((0, 0))
+    if not samples:
+        raise SystemExit(f"recsim.bench: split {split.name} has no users to score")
+    return split.name, samples, candidates
+
+
+def run(cfg, bench: dict) -> dict:
+    from recsim.methods import build_method
+    from recsim.protocols.prepare import prepare_protocol
+    from recsim.runner import build_recommender, compute_device
+    from recsim.utils.resources import UpdateMeter
+
+    prepared = prepare_protocol(cfg)
+    rec = build_recommender(cfg, prepared.data)
+    method = build_method(cfg.method)
+    method.setup(rec, prepared.protocol)
+    device = compute_device(cfg)
+    rec.module.to(device)
+    split, samples, candidates = split_users(prepared.protocol, bench["users"])
+    batch = int(cfg.eval.batch_size)
+    for _ in range(bench["warmup"]):
+        method.score_candidates(rec, samples[:batch], candidates[:batch], batch)
+    with UpdateMeter() as meter:
+        _, seconds = timed(lambda: method.score_candidates(rec, samples, candidates, batch), device)
+    n, width = candidates.shape
+    return {"split": split, "users": n, "users_requested": bench["users"], "candidates_per_user": width,
+            "warmup_batches": bench["warmup"], "seconds": seconds, "users_per_s": n / seconds,
+            "candidates_per_s": n * width / seconds, "method": cfg.method.name,
+            "weights_dtype": weights_dtype(rec.module), "peak_mem_mb": meter.peak_mb, "memory_kind": meter.memory_kind}
+
+
+def rows(f: dict) -> list[tuple[str, str]]:
+    fewer = f" (the split has {f['users']} of {f['users_requested']} requested)" if f["users"] < f["users_requested"] else ""
+    return [
+        ("timed", f"{f['users']} users x {f['candidates_per_user']} candidates of {f['split']}{fewer}, "
+                  f"after {f['warmup_batches']} warm-up batches"),
+        ("seconds", fmt(f["seconds"], "s")),
+        ("users/s", fmt(f["users_per_s"])),
+        ("candidates/s", fmt(f["candidates_per_s"])),
+        ("peak memory", f"{fmt(f['peak_mem_mb'], 'MiB')} ({f['memory_kind']})"),
+    ]
