@@ -221,6 +221,9 @@ RECIPE_BY_NAME = {"candidate_ranking": {f"recipe.{k}": c for k, c in {
     "scoring.max_title_words": integer(1, null=True), "scoring.max_answer_tokens": integer(1),
     "generation.list_length": integer(1), "generation.separator": text(), "generation.max_new_tokens": integer(1),
     "generation.max_title_words": integer(1, null=True)}.items()}}
+# keys added later: optional, so configs written before them still validate (the code reads them with a default)
+RECIPE_OPTIONAL_BY_NAME = {"candidate_ranking": {
+    "recipe.scoring.kernel": one_of("packed", "kv_repeat")}}  # = recsim.models.llm_ranker.SCORING_KERNELS
 
 
 def _registry(kind: str) -> dict:
@@ -343,6 +346,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
         c.bad("stage.name", stage, f"one of {', '.join(STAGE_BY_NAME)}")
     if c.get("recipe.name") in RECIPE_BY_NAME:
         c.table(RECIPE_BY_NAME[c.get("recipe.name")])
+        c.table(RECIPE_OPTIONAL_BY_NAME.get(c.get("recipe.name"), {}), required=False)
     if not c.errors:
         _cross_checks(c)
     return c.errors

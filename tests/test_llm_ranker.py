@@ -24,7 +24,7 @@ TITLES = ["<pad>"] + [f"Velvet {c} Lipstick number {i}" + " extra" * (i % 3)
                       for i, c in enumerate(["Rose", "Plum", "Coral", "Nude", "Ruby", "Berry", "Peach", "Wine"] * 2, 1)]
 
 
-def tiny_ranker(normalize="mean", seed=0, nonzero_b=True):
+def tiny_ranker(normalize="mean", seed=0, nonzero_b=True, kernel=None):
     cfg = OmegaConf.load(REPO / "recsim/conf/backbone/tiny_llama.yaml")
     model = lora_ops.add_lora(load_base_model(cfg, CACHE, seed=seed), cfg.lora)
     if nonzero_b:  # a fresh LoRA is the identity (B = 0); make the adapters matter for the checks
@@ -33,6 +33,8 @@ def tiny_ranker(normalize="mean", seed=0, nonzero_b=True):
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.2)
     scoring = OmegaConf.create({"normalize": normalize, "max_title_words": None, "max_answer_tokens": 32})
+    if kernel is not None:  # None: the key absent, as in configs written before it (packed)
+        scoring.kernel = kernel
     return LLMRanker(model, load_tokenizer(cfg, CACHE), TITLES, PROMPT, scoring, OPTIM)
 
 
@@ -44,18 +46,132 @@ def naive_scores(ranker, samples, cands, normalize):
         for i, s in enumerate(samples):
             for j, c in enumerate(cands[i]):
                 res = ranker.answer_logits(ranker.collate([Sample(s.user, s.history, int(c))]))
-                lp = torch.log_softmax(res["logits"], -1).gather(-1, res["targets"][:, None])[:, 0]
+                lp = torch.log_softmax(res["logits"], -1).gather(-1, res["targets"][:, None])[:, 0].double()
                 out[i, j] = (lp.mean() if normalize == "mean" else lp.sum()).item()
     return out
 
 
+# prompts of 18 to 135 tokens, answers of 9 to 12 tokens (EOS included)
+SAMPLES = [Sample(0, (1, 2, 3), 4), Sample(1, (5,), 6), Sample(2, tuple(range(1, 15)), 15), Sample(3, (8, 2), 9),
+           Sample(4, (16, 3, 12, 7, 1), 10)]
+CANDS = np.array([[4, 7, 9, 2], [6, 1, 2, 16], [15, 16, 3, 11], [9, 9, 14, 5], [10, 12, 3, 8]])
+
+
+@pytest.mark.parametrize("kernel", [None, "packed", "kv_repeat"])
 @pytest.mark.parametrize("normalize", ["mean", "sum"])
-def test_shared_prompt_scoring_equals_one_pass_per_candidate(normalize):
-    ranker = tiny_ranker(normalize)
-    samples = [Sample(0, (1, 2, 3), 4), Sample(1, (5,), 6), Sample(2, tuple(range(1, 15)), 15)]
-    cands = np.array([[4, 7, 9, 2], [6, 1, 2, 16], [15, 16, 3, 11]])
-    fast = ranker.score_candidates(samples, cands, batch_size=2)  # batches of unequal prompt lengths
-    np.testing.assert_allclose(fast, naive_scores(ranker, samples, cands, normalize), atol=1e-4)
+def test_shared_prompt_scoring_equals_one_pass_per_candidate(normalize, kernel):
+    ranker = tiny_ranker(normalize, kernel=kernel)
+    fast = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)  # batches of unequal prompt lengths
+    assert fast.shape == CANDS.shape and fast.dtype == np.float64
+    # kv_repeat sums the token log-probs in fp32: a sum of ~130 is good to 1 ulp = 1.5e-5, hence its rtol
+    rtol = 2.5e-7 if kernel == "kv_repeat" and normalize == "sum" else 0
+    np.testing.assert_allclose(fast, naive_scores(ranker, SAMPLES, CANDS, normalize), rtol=rtol, atol=1e-5)
+
+
+def test_unknown_kernel_is_named():
+    ranker = tiny_ranker(kernel="bogus")
+    with pytest.raises(ValueError, match="scoring.kernel='bogus': expected one of packed, kv_repeat"):
+        ranker.score_candidates(SAMPLES[:1], CANDS[:1])
+
+
+def test_packed_candidates_do_not_see_each_other(monkeypatch):
+    """Item 9 third among other candidates scores the same whatever the others are (and however many); a mask
+    that let packed candidates see each other (plain causal over the whole packed row) changes it."""
+    ranker = tiny_ranker(kernel="packed")
+    samples = [Sample(0, (1, 2, 3), 4), Sample(1, tuple(range(1, 12)), 5)]
+    first = ranker.score_candidates(samples, np.array([[4, 7, 9, 2], [6, 1, 9, 16]]))
+    other = ranker.score_candidates(samples, np.array([[13, 1, 9, 16, 5, 12], [3, 14, 9, 11, 2, 8]]))
+    np.testing.assert_allclose(first[:, 2], other[:, 2], rtol=0, atol=1e-6)
+    alone = ranker.score_candidates(samples, np.array([[9], [9]]))
+    np.testing.assert_allclose(first[:, 2], alone[:, 0], rtol=0, atol=1e-6)
+
+    def leaky(seg):  # the control: causal over prompt and every earlier candidate, padding excluded
+        L = seg.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        return ((causal & (seg[:, None, :] >= 0)) | torch.eye(L, dtype=torch.bool))[:, None]
+
+    monkeypatch.setattr(ranker, "_packed_mask", leaky)
+    leaked = ranker.score_candidates(samples, np.array([[13, 1, 9, 16, 5, 12], [3, 14, 9, 11, 2, 8]]))
+    assert np.abs(leaked[:, 2] - first[:, 2]).min() > 1e-4
+
+
+def test_packed_scores_under_bf16_autocast_stay_close_to_fp32():
+    ranker = tiny_ranker(kernel="packed")
+    ref = naive_scores(ranker, SAMPLES, CANDS, "mean")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)
+    assert np.isfinite(low).all()
+    np.testing.assert_allclose(low, ref, rtol=0, atol=1e-2)
+
+
+def test_packed_kernel_with_eager_attention():
+    """Eager attention adds the mask to the scores: the packed kernel hands it an additive float mask."""
+    ranker = tiny_ranker("sum", kernel="packed")
+    ref = naive_scores(ranker, SAMPLES, CANDS, "sum")
+    ranker.base.set_attn_implementation("eager")
+    np.testing.assert_allclose(ranker.score_candidates(SAMPLES, CANDS, batch_size=3), ref, rtol=0, atol=1e-5)
+
+
+def _smollm2_users(monkeypatch, n_users=100):
+    """SmolLM2 (skipped when absent) and `n_users` synthetic users: history -> last item, 1 + 29 candidates."""
+    from recsim.data.synthetic import simulate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = OmegaConf.load(REPO / "recsim/conf/backbone/smollm2_135m.yaml")
+    try:
+        model = lora_ops.add_lora(load_base_model(cfg, CACHE), cfg.lora)
+    except Exception as exc:  # the wheel or its GGUF file is absent on this machine
+        pytest.skip(f"SmolLM2 backbone not available: {exc}")
+    data = simulate(num_users=n_users, num_items=120, num_categories=6, interests_per_user=2, drift_share=0.5,
+                    drift_time=0.7, active_share_after=0.6, min_len=8, max_len=20, seed=0)
+    titles = ["<pad>", *data.items["title"]]
+    index = {item: i for i, item in enumerate(data.items["item_id"], 1)}
+    rng = np.random.default_rng(0)
+    samples, cands = [], []
+    for user, rows in data.interactions.sort_values("timestamp", kind="stable").groupby("user_id", sort=True):
+        seq = [index[i] for i in rows["item_id"]]
+        samples.append(Sample(len(samples), tuple(seq[:-1]), seq[-1]))
+        cands.append([seq[-1], *rng.choice(np.setdiff1d(np.arange(1, len(titles)), seq), 29, replace=False)])
+    cands = np.array(cands)
+    assert cands.shape == (n_users, 30)
+    prompt = OmegaConf.merge(PROMPT, {"max_history": 5})
+    scoring = OmegaConf.create({"normalize": "mean", "max_title_words": None, "max_answer_tokens": 32,
+                                "kernel": "packed"})
+    return LLMRanker(model, load_tokenizer(cfg, CACHE), titles, prompt, scoring, OPTIM), samples, cands
+
+
+def _top10(scores):
+    return np.argsort(-scores, axis=1, kind="stable")[:, :10]
+
+
+@pytest.mark.slow
+def test_smollm2_packed_equals_kv_repeat(monkeypatch):
+    """The pretrained backbone (30 layers, real attention patterns), 100 users of 1 + 29 candidates, fp32."""
+    ranker, samples, cands = _smollm2_users(monkeypatch)
+    packed = ranker.score_candidates(samples, cands, batch_size=8)
+    ranker.scoring_cfg.kernel = "kv_repeat"
+    reference = ranker.score_candidates(samples, cands, batch_size=8)
+    np.testing.assert_allclose(packed, reference, rtol=0, atol=1e-4)
+    assert (_top10(packed) == _top10(reference)).all(1).mean() >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "bf16's own error, not the packing. Measured (CPU autocast, --runxfail): ordered top-10 kept for 71% of "
+    "these 100 users (as a set 97%), |bf16 - fp32| mean 0.017, max 0.11. On 16 other synthetic users (10 "
+    "history titles) packed kept 81% (set 94%) and kv_repeat 75% (88%), mean |bf16 - fp32| 0.015 and 0.020, "
+    "while the smallest gap between a user's top-11 fp32 scores had median 0.018"))
+def test_smollm2_packed_bf16_keeps_the_top10(monkeypatch):
+    ranker, samples, cands = _smollm2_users(monkeypatch)
+    ref = ranker.score_candidates(samples, cands, batch_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ranker.score_candidates(samples, cands, batch_size=8)
+    assert np.isfinite(low).all()
+    same = (_top10(low) == _top10(ref)).all(1).mean()
+    same_set = np.mean([set(a) == set(b) for a, b in zip(_top10(low), _top10(ref))])
+    gap = np.abs(low - ref)
+    assert same >= 0.99, f"top-10 in order kept for {same:.0%} of users (as a set: {same_set:.0%}); " \
+                         f"|bf16 - fp32| max {gap.max():.3g}, mean {gap.mean():.3g}"
 
 
 def test_answer_tokens_end_with_eos_and_labels_mask_prompt():

@@ -82,6 +82,7 @@ def test_every_experiment_validates(name):
     (["backbone.lora.r=0"], "backbone.lora.r=0: expected an integer >= 1"),
     (["backbone.kind=cnn"], "backbone.kind='cnn': expected one of llm, sequential"),
     (["recipe.scoring.normalize=max"], "recipe.scoring.normalize='max': expected one of mean, sum"),
+    (["recipe.scoring.kernel=bogus"], "recipe.scoring.kernel='bogus': expected one of packed, kv_repeat"),
     (["seed=-1"], "seed=-1: expected an integer >= 0"),
     (["logger=wandb", "logger.mode=cloud"], "logger.mode='cloud': expected null or one of online, offline, disabled"),
 ])
@@ -104,6 +105,21 @@ def test_missing_known_key_and_unresolvable_value():
     errors = config_errors(cfg)
     assert "method.lam is missing: expected a number >= 0" in errors
     assert any(e.startswith("trainer.batch_size: cannot be resolved") for e in errors)
+
+
+def test_scoring_kernel_is_optional_and_matches_the_ranker():
+    """Configs written before recipe.scoring.kernel still validate (the ranker defaults to packed); the schema's
+    choices are the ranker's (restated there: the schema must not import torch)."""
+    from recsim.models.llm_ranker import SCORING_KERNELS
+    from recsim.schema import RECIPE_OPTIONAL_BY_NAME
+
+    cfg = compose(["recipe.scoring.kernel=kv_repeat"])
+    assert config_errors(cfg) == []
+    with open_dict(cfg):
+        del cfg.recipe.scoring["kernel"]
+    assert config_errors(cfg) == []
+    check = RECIPE_OPTIONAL_BY_NAME["candidate_ranking"]["recipe.scoring.kernel"]
+    assert check.expected == f"one of {', '.join(SCORING_KERNELS)}"
 
 
 def test_keys_added_elsewhere_are_left_alone():
