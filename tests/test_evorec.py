@@ -141,14 +141,15 @@ def test_evorec_builds_its_consistency_term_from_the_config():
                       inactive_users=[1], eval_split="test1")
     terms = []
     rec = SimpleNamespace(model=ranker.model, set_trainable=lambda layers=None: None, add_loss_term=terms.append)
-    for overrides, expected in (([], ("all", "sum")), (["method.kl.positions=answer", "method.kl.reduction=token_mean"],
-                                                       ("answer", "token_mean"))):
+    for overrides, expected in (([], ("all", "sum", "auto")),
+                                (["method.kl.positions=answer", "method.kl.reduction=token_mean",
+                                  "method.kl.cache_frozen=false"], ("answer", "token_mean", False))):
         method = EvoRec(compose(["method=evorec", "method.t=1", *overrides]).method)
         method.protocol = SimpleNamespace(window=20)
         terms.clear()
         method.before_update(stage, rec, [])
         (term,) = terms
-        assert (term.positions, term.reduction, term.lam, len(term.samples)) == (*expected, 2e-4, 2)
+        assert (term.positions, term.reduction, term.cache_frozen, term.lam, len(term.samples)) == (*expected, 2e-4, 2)
     method = EvoRec(compose(["experiment=evorec_wo_consistency", "method.t=1"]).method)  # the ablation row: no term
     method.protocol = SimpleNamespace(window=20)
     terms.clear()
@@ -186,3 +187,181 @@ def test_layer_states_are_block_outputs_not_the_normed_state(pooling):
     if pooling == "last":  # and normed it is exactly: norm(block output) = hidden_states[-1]
         with torch.no_grad():
             torch.testing.assert_close(ranker.base.get_decoder().norm(states[-1]), hidden[-1][:, -1])
+
+
+# ---- L_c prepared once per update (kl.cache_frozen): the same term as the per-step passes -------------
+
+from recsim.methods.kl import KLPool, kl_to_anchor  # noqa: E402
+from recsim.models.layer_split import lowest_trainable_layer  # noqa: E402
+
+LOCATED = {2, 3}  # of tiny_llama's 4 blocks: l_min = 2
+
+
+def _pool_setup(n=13, seed=0):
+    """A ranker whose located blocks 2-3 train, its pre-update anchor, and a pool of unequal prompt lengths."""
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
+    ranker = tiny_ranker()
+    anchor = lora_ops.snapshot(ranker.model)
+    lora_ops.set_trainable(ranker.model, LOCATED)
+    rng = np.random.default_rng(seed)
+    pool = [Sample(i, tuple(rng.integers(1, 17, rng.integers(1, 12)).tolist()), int(rng.integers(1, 17)))
+            for i in range(n)]
+    return ranker, anchor, pool
+
+
+def _move_located(ranker, scale=0.05):
+    with torch.no_grad():
+        for p in ranker.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+
+
+def test_lowest_trainable_layer():
+    ranker = tiny_ranker()
+    lora_ops.set_trainable(ranker.model, {3, 1})
+    assert lowest_trainable_layer(ranker.model) == 1
+    lora_ops.set_trainable(ranker.model)
+    assert lowest_trainable_layer(ranker.model) == 0
+    lora_ops.set_trainable(ranker.model, {3})
+    ranker.base.get_input_embeddings().weight.requires_grad_(True)  # outside the blocks: nothing can be skipped
+    assert lowest_trainable_layer(ranker.model) == 0
+    for p in ranker.parameters():
+        p.requires_grad_(False)
+    assert lowest_trainable_layer(ranker.model) is None
+
+
+def test_pool_batches_are_what_collate_makes():
+    ranker, anchor, pool = _pool_setup()
+    prepared = KLPool(ranker, anchor, pool, "all", cache_frozen=True)
+    for rows in ([0, 5, 2], [7], [12, 11, 3, 4, 9]):
+        expected = ranker.collate([pool[r] for r in rows])
+        got = prepared.batch(np.array(rows))
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+@pytest.mark.parametrize("cache", [True, "auto"])  # on the CPU, auto: states below l_min once, frozen per step
+@pytest.mark.parametrize("prepare_all", [False, True])  # each sample at its first draw | the pool at once (GPU)
+def test_prepared_l_c_equals_the_per_step_passes(positions, cache, prepare_all):
+    """Values and gradients of L_c at several steps of an update that moves the weights, prepared vs reference.
+
+    fp32 round-off only: the pool is run in other batch shapes than the steps' batches. At |log p| ≈ ln V ≈ 10.8
+    one ulp is 9.5e-7, so a position's KL can differ by ~1e-6, and their sum over ~250 positions by a few 1e-6."""
+    ranker, anchor, pool = _pool_setup()
+    kw = dict(samples=pool, batch_size=4, seed=3, positions=positions, reduction="sum")
+    ref = AnchorKL(anchor, 1.0, cache_frozen=False, **kw)
+    fast = AnchorKL(anchor, 1.0, cache_frozen=cache, prepare_all=prepare_all, **kw)
+    params = [p for p in ranker.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    for step in range(5):  # the pool is prepared at step 0, at the anchor; the weights move after every step
+        out = {}
+        for name, term in (("ref", ref), ("fast", fast)):
+            for p in params:
+                p.grad = None
+            value = term(ranker, {}, {})["kl"]
+            value.backward()
+            out[name] = value.item(), [p.grad.clone() for p in params]
+        (v_ref, g_ref), (v_fast, g_fast) = out["ref"], out["fast"]
+        assert v_fast == pytest.approx(v_ref, rel=1e-6, abs=5e-6)
+        for a, b in zip(g_fast, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        if step:
+            assert v_ref > 0.1  # the weights did move: a real comparison
+        _move_located(ranker)
+    assert fast.pool.split == 2 and fast.pool.stored == (cache is True)
+    # per position, on a batch of the pool
+    rows = np.array([4, 0, 9])
+    torch.testing.assert_close(fast.pool.kl_rows(ranker, anchor, rows), kl_rows(ranker, fast.pool.batch(rows), anchor,
+                                                                               positions), rtol=0, atol=2e-6)
+
+
+def test_prepared_l_c_without_located_layers_runs_every_block():
+    ranker, anchor, pool = _pool_setup(n=6)
+    lora_ops.set_trainable(ranker.model)  # t = 1: every block trains, nothing to share
+    _move_located(ranker, 0.1)
+    prepared = KLPool(ranker, anchor, pool, "all", cache_frozen=True)
+    for rows in (np.array([1, 5]), np.array([5, 0, 1])):  # a new batch, then one holding prepared rows
+        torch.testing.assert_close(prepared.kl_rows(ranker, anchor, rows),
+                                   kl_rows(ranker, prepared.batch(rows), anchor, "all"), rtol=0, atol=2e-6)
+    assert prepared.split == 0 and prepared.state is None and prepared.ready.sum() == 3
+
+
+def test_no_backward_below_the_lowest_located_layer():
+    """With blocks 2-3 located, a training step (L_e + the consistency term) never runs backward through blocks
+    0-1 or the embeddings; prepared, the KL batch does not even run blocks 0-1 forward after its first step."""
+    # auto on the CPU: the frozen model still runs, from block 2; prepare_all: the pool before the first step
+    for cache, prepare_all in ((False, None), (True, False), ("auto", False), (True, True)):
+        ranker, anchor, pool = _pool_setup(n=4)  # one batch: its second draw finds every row prepared
+        ranker.loss_terms.append(AnchorKL(anchor, 0.5, pool, batch_size=4, positions="all", reduction="sum",
+                                          cache_frozen=cache, prepare_all=prepare_all))
+        decoder = ranker.base.get_decoder()
+        forward, backward, embedded = [0] * 4, [0] * 4, []
+        hooks = [ranker.base.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(out.requires_grad))]
+        for l, layer in enumerate(decoder.layers):
+            hooks.append(layer.register_forward_hook(lambda m, a, out, l=l: forward.__setitem__(l, forward[l] + 1)))
+            hooks.append(layer.register_full_backward_hook(lambda m, gi, go, l=l: backward.__setitem__(l, backward[l] + 1)))
+        batch = ranker.collate([Sample(0, (1, 2, 3), 4), Sample(1, (5,), 6)])
+        try:
+            for step in range(2):
+                forward[:], backward[:] = [0] * 4, [0] * 4
+                ranker.zero_grad()
+                ranker.training_step(batch, step).backward()
+                _move_located(ranker)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert embedded and not any(embedded)  # nothing (peft, enable_input_require_grads) makes the input need grad
+        # second step: L_e and the current KL pass run backward through blocks 2-3 only
+        assert backward == [0, 0, 2, 2], (cache, backward)
+        # forward: L_e, current and frozen KL passes through every block (reference); prepared, only L_e below
+        # l_min, and above it the current pass (and the frozen one without the store)
+        assert forward == {False: [3, 3, 3, 3], True: [1, 1, 2, 2], "auto": [1, 1, 3, 3]}[cache], (cache, forward)
+        assert ranker.loss_terms[0].pool is None or ranker.loss_terms[0].pool.ready.all()
+        grads = {n: p.grad for n, p in ranker.model.named_parameters() if "lora_" in n}
+        assert all(g is None for n, g in grads.items() if lora_ops.layer_of(n) < 2)
+        assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items()
+                   if lora_ops.layer_of(n) >= 2 and "lora_B" in n)
+
+
+def test_an_update_trains_the_same_weights_prepared_or_not():
+    """A Lightning fit of L_e + λ·L_c (EvoRec's term: all positions, sum) ends at the same LoRA weights."""
+    trained = {}
+    for cache, prepare_all in ((False, None), (True, False), (True, True)):
+        ranker, anchor, pool = _pool_setup()
+        ranker.loss_terms.append(AnchorKL(anchor, 0.05, pool, batch_size=4, seed=7, name="consistency_kl",
+                                          positions="all", reduction="sum", cache_frozen=cache,
+                                          prepare_all=prepare_all))
+        samples = [Sample(20 + i, (i % 16 + 1, (3 * i) % 16 + 1), (5 * i) % 16 + 1) for i in range(12)]
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+        torch.manual_seed(0)  # LoRA dropout of the L_e pass
+        trainer.fit(ranker, DataLoader(samples, batch_size=4, shuffle=True, collate_fn=ranker.collate,
+                                       generator=torch.Generator().manual_seed(1)))
+        trained[cache, prepare_all] = lora_ops.snapshot(ranker.model)
+        moved = max(float((trained[cache, prepare_all][n] - anchor[n]).abs().max()) for n in anchor)
+        assert moved > 1e-3
+    reference = trained.pop((False, None))
+    for fast in trained.values():
+        for name, value in reference.items():
+            torch.testing.assert_close(fast[name], value, rtol=0, atol=1e-5)
+            if lora_ops.layer_of(name) < 2:
+                assert torch.equal(value, fast[name])
+
+
+def test_ftkl_keeps_the_per_step_term():
+    """FT-KL's KL batch is the training batch itself: nothing to prepare, whatever cache_frozen says."""
+    ranker = tiny_ranker()
+    batch = ranker.collate([Sample(0, (1, 2, 3), 4), Sample(1, (5,), 6)])
+    anchor = lora_ops.snapshot(ranker.model)
+    with torch.no_grad():
+        for n, p in ranker.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.2)
+    for cache in (False, True, "auto"):
+        term = AnchorKL(anchor, 1.0, samples=None, cache_frozen=cache)
+        value = term(ranker, batch, {})["kl"]
+        assert term.pool is None
+        assert value.item() == kl_to_anchor(ranker, batch, anchor).item() > 0
+    with pytest.raises(ValueError, match="method.kl.cache_frozen='bogus': expected auto, true or false"):
+        AnchorKL(anchor, 1.0, cache_frozen="bogus")

@@ -102,3 +102,24 @@ def test_update_baselines_end_to_end(tmp_path, method):
     assert df[(df.metric == "changed_params") & (df.stage == 1)].value.iloc[0] > 0
     if method == "lsat":  # both adapters are saved in peft's format
         assert (out / "stages" / "01_update1" / "adapter" / "short" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_evorec_update_is_the_same_with_l_c_prepared_once(tmp_path):
+    """method.kl.cache_frozen=true (frozen log-probs stored, blocks below the located ones run once per sample)
+    trains the same adapter as the per-step reference passes (false), up to float round-off."""
+    args = TINY + ["method=evorec", "method.t=0.5", "method.filters.sasrec.epochs=2", "method.kl_samples=32",
+                   "method.lam=0.01"]  # a λ at which L_c moves the weights (sum over ~2,000 positions)
+    adapters = {}
+    for cache in ("true", "false"):
+        out = tmp_path / cache
+        run(args + [f"method.kl.cache_frozen={cache}"], out)
+        eff = json.loads((out / "stages" / "01_update1" / "efficiency.json").read_text())
+        assert ("kl_pool" in eff) == (cache == "true")
+        if cache == "true":
+            assert eff["kl_pool"]["frozen_stored"] and eff["kl_pool"]["split_layer"] == min(eff["located_layers"]) > 0
+        adapters[cache] = lora_by_layer(out / "stages" / "01_update1")
+    base = lora_by_layer(tmp_path / "true" / "stages" / "00_base")
+    assert any(not torch.equal(base[k], v) for k, v in adapters["false"].items())
+    for k, v in adapters["false"].items():
+        torch.testing.assert_close(adapters["true"][k], v, rtol=0, atol=1e-5)

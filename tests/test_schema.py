@@ -46,6 +46,8 @@ def test_every_experiment_validates(name):
     (["method=evorec", "method.lam=-0.1"], "method.lam=-0.1: expected a number >= 0"),
     (["method=evorec", "method.k=1.5"], "method.k=1.5: expected an integer >= 0"),
     (["method=evorec", "method.k=-1"], "method.k=-1: expected an integer >= 0"),
+    (["method=evorec", "method.kl.cache_frozen=bogus"], "method.kl.cache_frozen='bogus': expected auto, true or false"),
+    (["method=evorec", "method.kl.cache_frozen=1"], "method.kl.cache_frozen=1: expected auto, true or false"),
     (["method=evorec", "method.locate.rule=median"], "method.locate.rule='median': expected one of mean_cosine, vote"),
     (["method=evorec", "method.filter=caser"], "method.filter='caser': expected one of the keys of method.filters"),
     (["method=evorec", "method.filters.sasrec.batch_size=0"],
