@@ -146,32 +146,15 @@ def _top10(scores):
 
 @pytest.mark.slow
 def test_smollm2_packed_equals_kv_repeat(monkeypatch):
-    """The pretrained backbone (30 layers, real attention patterns), 100 users of 1 + 29 candidates, fp32."""
-    ranker, samples, cands = _smollm2_users(monkeypatch)
+    """The pretrained backbone (30 layers, real attention patterns), 32 users of 1 + 29 candidates, fp32.
+    (bf16 is not tested here: on CPU its autocast is ~8x slower than fp32, and SmolLM2's bf16 error is the
+    size of its top-10 score gaps with either kernel; docs/MEASURED.md has the measurement.)"""
+    ranker, samples, cands = _smollm2_users(monkeypatch, n_users=32)
     packed = ranker.score_candidates(samples, cands, batch_size=8)
     ranker.scoring_cfg.kernel = "kv_repeat"
     reference = ranker.score_candidates(samples, cands, batch_size=8)
     np.testing.assert_allclose(packed, reference, rtol=0, atol=1e-4)
     assert (_top10(packed) == _top10(reference)).all(1).mean() >= 0.99
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "bf16's own error, not the packing. Measured (CPU autocast, --runxfail): ordered top-10 kept for 71% of "
-    "these 100 users (as a set 97%), |bf16 - fp32| mean 0.017, max 0.11. On 16 other synthetic users (10 "
-    "history titles) packed kept 81% (set 94%) and kv_repeat 75% (88%), mean |bf16 - fp32| 0.015 and 0.020, "
-    "while the smallest gap between a user's top-11 fp32 scores had median 0.018"))
-def test_smollm2_packed_bf16_keeps_the_top10(monkeypatch):
-    ranker, samples, cands = _smollm2_users(monkeypatch)
-    ref = ranker.score_candidates(samples, cands, batch_size=8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = ranker.score_candidates(samples, cands, batch_size=8)
-    assert np.isfinite(low).all()
-    same = (_top10(low) == _top10(ref)).all(1).mean()
-    same_set = np.mean([set(a) == set(b) for a, b in zip(_top10(low), _top10(ref))])
-    gap = np.abs(low - ref)
-    assert same >= 0.99, f"top-10 in order kept for {same:.0%} of users (as a set: {same_set:.0%}); " \
-                         f"|bf16 - fp32| max {gap.max():.3g}, mean {gap.mean():.3g}"
 
 
 def test_answer_tokens_end_with_eos_and_labels_mask_prompt():
