@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def main() -> None:
@@ -34,7 +31,7 @@ def main() -> None:
     import lightning as L
     import torch
 
-    from conftest import compose
+    from recsim.bench.settings import compose_run_config
     from recsim.methods import build_method
     from recsim.protocols.prepare import prepare_protocol
     from recsim.runner import _stage_seed, build_recommender, fit_stage
@@ -47,10 +44,10 @@ def main() -> None:
         for variant in args.variants:
             head, *extra = variant.split("/")
             name, _, cache = head.partition(":")
-            cfg = compose([f"method={name}", *common])
+            cfg = compose_run_config([f"method={name}", *common], str(out))
             own = [o for o in method_keys if o.split("=")[0][len("method."):].split(".")[0] in cfg.method]
-            cfg = compose([f"method={name}", *common, *own, *([f"method.kl.cache_frozen={cache}"] if cache else []),
-                           *extra], out)
+            cfg = compose_run_config([f"method={name}", *common, *own,
+                                      *([f"method.kl.cache_frozen={cache}"] if cache else []), *extra], str(out))
             if rec is None:
                 prepared = prepare_protocol(cfg)
                 protocol = prepared.protocol
