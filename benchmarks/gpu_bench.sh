@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # recsim.bench on one GPU (issue 12's figures), each variant one process, beside the plain-loop reference.
 #   OUT=<dir> LIMIT=<path to lora_limit.py> bash benchmarks/gpu_bench.sh [part ...]
-#   parts: limit train train1b score fullrank (default: all). Each variant writes <OUT>/<name>.json + .log.
+#   parts: limit train train1b score fullrank profile compiled (default: the first five). Each variant writes <OUT>/<name>.json + .log.
 # Needs the staged SmolLM2 and Beauty (../shared/device/README.md): PYTHONPATH, RECSIM_CACHE, RECSIM_DATA.
 set -uo pipefail
 OUT=${OUT:?output dir}; mkdir -p "$OUT"
 PARTS=${*:-limit train train1b score fullrank}
+PROF=(bench.steps=10 bench.profile_steps=3)  # + bench.profile=<dir>: operator tables, host syncs (recsim.bench.profile)
 BEAUTY=(dataset=beauty dataset.sample_users=5000 trainer.progress_bar=false)
 FAST=(trainer.group_by_length=true trainer.log_every_n_steps=50)
 L1B=(backbone=tiny_llama backbone.name=llama32_1b_shape_random backbone.dtype=bfloat16 backbone.tiny.hidden_size=2048
@@ -32,6 +33,18 @@ for part in $PARTS; do case $part in
              bench "score_${k}_b64" score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=$k eval.batch_size=64 bench.users=2048
            done
            bench score_packed_b256 score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed eval.batch_size=256 bench.users=4096 ;;
+  profile) bench prof_b16_eager train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}" \
+             "${PROF[@]}" bench.profile=$OUT/prof_b16_eager
+           bench prof_b16_nodet train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}" \
+             trainer.deterministic=false "${PROF[@]}" bench.profile=$OUT/prof_b16_nodet
+           bench prof_score_packed_b256 score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed \
+             eval.batch_size=256 bench.users=1024 bench.profile_steps=2 bench.profile=$OUT/prof_score_packed_b256 ;;
+  compiled) for b in 16 64 256; do
+             bench "train_b${b}_compile" train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=$b "${FAST[@]}" \
+               trainer.compile=true trainer.pad_to_multiple_of=16 bench.warmup=8 "${PROF[@]}" bench.profile=$OUT/prof_b${b}_compile
+           done
+           bench train_b16_cudagraphs train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}" \
+             trainer.compile=true trainer.compile_mode=reduce-overhead trainer.pad_to_multiple_of=32 bench.warmup=12 bench.steps=20 ;;
   fullrank) bench fullrank_synthetic fullrank backbone=sasrec bench.synthetic_scores=true bench.users=20000 bench.items=12000 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac; done

@@ -303,7 +303,8 @@ def _shared_base_dir(cfg, method) -> Path | None:
     keyed = {k: drop_path_keys(plain(cfg[k])) for k in ("dataset", "backbone", "recipe", "stage", "eval", "seed")}
     keyed["trainer"] = {k: plain(t.get(k)) for k in ("base", "batch_size", "max_train_samples", "precision",
                                                      "gradient_clip_val", "accumulate_grad_batches", "devices",
-                                                     "num_nodes", "strategy", "compile")}
+                                                     "num_nodes", "strategy", "compile", "compile_mode",
+                                                     "group_by_length", "pad_to_multiple_of")}
     dataset = plain(cfg.dataset)
     dataset["data_dir"] = dataset.get("data_dir") or default_data_dir()  # as load_dataset finds it
     reader = READERS.get(dataset.get("reader"))

@@ -7,11 +7,14 @@ the fit runs on a GPU, 32-true on CPU), deterministic (true), gradient_clip_val 
 (1), compile (false), progress_bar (false), log_every_n_steps (1; on a GPU, logging every step
 syncs the host with the device at every step).
 
-`compile: true` compiles the LightningModule's `model` sub-module (the network its training_step calls;
-the module itself when it has none) in place with `nn.Module.compile`, at the Trainer's setup. In place,
-so parameter names and saved state dicts stay as they are (torch.compile's wrapper would prefix them with
-`_orig_mod.`). Off by default: each fresh Trainer recompiles, which costs minutes for an LLM and gains
-nothing on the short CPU fits of tests.
+`compile: true` compiles, at the Trainer's setup, the sub-modules the LightningModule's training_step
+actually runs: those its `compile_targets()` names (an LLM's decoder blocks: the ranker calls the decoder
+and the head itself, never the peft model's forward, so compiling `model` as a whole compiled nothing that
+ran), else its `model` (else the module itself). Each is compiled in place with `nn.Module.compile`, so
+parameter names and saved state dicts stay as they are (torch.compile's wrapper would prefix them with
+`_orig_mod.`). `compile_mode` is torch.compile's `mode` (null: its default; `reduce-overhead` adds CUDA
+graphs, for small batches that are launch-bound). Off by default: each fresh Trainer recompiles, which
+costs a minute for an LLM and gains nothing on the short CPU fits of tests.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 DEFAULTS = {"accelerator": "auto", "devices": 1, "strategy": "auto", "num_nodes": 1, "precision": None,
             "deterministic": True, "gradient_clip_val": None, "accumulate_grad_batches": 1, "compile": False,
+            "compile_mode": None,
             "progress_bar": False, "log_every_n_steps": 1}
 
 
@@ -36,14 +40,24 @@ def default_precision(accelerator: str) -> str:
     return "bf16-mixed" if uses_gpu(accelerator) else "32-true"
 
 
+def compile_targets(pl_module) -> list[torch.nn.Module]:
+    """The sub-modules `trainer.compile` compiles: `pl_module.compile_targets()`, else its `model`, else itself."""
+    if hasattr(pl_module, "compile_targets"):
+        return list(pl_module.compile_targets())
+    net = getattr(pl_module, "model", None)
+    return [net if isinstance(net, torch.nn.Module) else pl_module]
+
+
 class CompileModel(lightning.Callback):
-    """Compile the module's network in place once, when the Trainer sets it up (see the module doc)."""
+    """Compile the module's networks in place once, when the Trainer sets it up (see the module doc)."""
+
+    def __init__(self, mode: str | None = None):
+        self.mode = mode
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        net = getattr(pl_module, "model", None)
-        net = net if isinstance(net, torch.nn.Module) else pl_module
-        if getattr(net, "_compiled_call_impl", None) is None:  # a module fitted twice compiles once
-            net.compile()
+        for net in compile_targets(pl_module):
+            if getattr(net, "_compiled_call_impl", None) is None:  # a module fitted twice compiles once
+                net.compile(**({"mode": self.mode} if self.mode else {}))
 
 
 def build_trainer(trainer_cfg: Mapping | None, *, max_epochs: int, max_steps: int | None = None, loggers=False,
@@ -59,7 +73,7 @@ def build_trainer(trainer_cfg: Mapping | None, *, max_epochs: int, max_steps: in
     t = {**DEFAULTS, **{k: v for k, v in (trainer_cfg or {}).items() if k in DEFAULTS}}
     callbacks = list(callbacks or [])
     if t["compile"]:
-        callbacks.append(CompileModel())
+        callbacks.append(CompileModel(t["compile_mode"]))
     return lightning.Trainer(
         accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"], num_nodes=t["num_nodes"],
         precision=t["precision"] or default_precision(t["accelerator"]), deterministic=t["deterministic"],

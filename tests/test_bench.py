@@ -126,6 +126,24 @@ def test_train_benchmark_end_to_end(tmp_path):
     assert f["mfu"] == pytest.approx(f["flops"] / f["seconds"] / (790e12))
 
 
+def test_train_benchmark_profiles_steps_after_the_timed_ones(tmp_path):
+    """bench.profile: the profiled steps come after the timed ones (their count and timing unchanged), and
+    the operator tables, the sync report and the summary are written."""
+    out, folder = tmp_path / "train.json", tmp_path / "prof"
+    bench(["train", "backbone=tiny_llama", *TINY, "bench.steps=2", "bench.warmup=1", "bench.profile_steps=2",
+           f"bench.profile={folder}", f"bench.out={out}"])
+    f = record(out)["figures"]
+    assert f["samples"] == 2 * 4 and len(f["step_seconds"]) == 2
+    assert f["profile"]["profiled_steps"] == 2 and f["profile"]["wall_s_per_step"] > 0
+    assert f["profile"]["device_busy_s_per_step"] is None  # CPU: no device timeline
+    assert f["train_samples_used"] == (1 + 2 + 2) * 4  # the profiled steps drew samples of their own
+    table = (folder / "ops_by_host_time.txt").read_text()
+    assert "aten::mm" in table or "aten::addmm" in table or "aten::linear" in table
+    assert (folder / "host_syncs.txt").read_text() == "none\n"  # no CUDA device, nothing to wait for
+    assert json.loads((folder / "summary.json").read_text()) == f["profile"]
+    assert (folder / "trace.json").stat().st_size > 0
+
+
 @pytest.mark.slow  # LLM candidate scoring in its own process: the slowest of the three, over the fast budget
 def test_score_benchmark_end_to_end(tmp_path):
     out = tmp_path / "score.json"

@@ -183,6 +183,34 @@ def test_training_step_changes_only_lora_and_lowers_nll():
     assert changed and all("lora_" in n for n in changed)
 
 
+def test_pad_to_multiple_of_widens_batches_without_changing_the_loss():
+    ranker = tiny_ranker()
+    ranker.eval()  # LoRA dropout off: the two passes must see the same network
+    samples = [Sample(0, (1, 2, 3), 4), Sample(0, (5,), 6)]
+    plain = ranker.collate(samples)
+    ranker.pad_to_multiple_of = 16
+    padded = ranker.collate(samples)
+    width = plain["input_ids"].shape[1]
+    assert width % 16 and padded["input_ids"].shape[1] == -(-width // 16) * 16  # rounded up, never down
+    assert torch.equal(padded["input_ids"][:, -width:], plain["input_ids"])  # left padding: extra pads in front
+    assert int(padded["attention_mask"].sum()) == int(plain["attention_mask"].sum())
+    a, b = _ce(ranker, plain), _ce(ranker, padded)
+    assert torch.nn.functional.cross_entropy(**a).item() == pytest.approx(torch.nn.functional.cross_entropy(**b).item(), abs=1e-5)
+
+
+def test_compile_targets_are_the_decoder_blocks_the_ranker_calls():
+    """The ranker calls the decoder itself (never the peft model's forward): compiling `model` compiled nothing
+    that ran. `trainer.compile` must compile the blocks, in place (state-dict names unchanged)."""
+    from recsim.training import CompileModel
+
+    ranker = tiny_ranker()
+    names = list(ranker.state_dict())
+    blocks = ranker.compile_targets()
+    assert blocks == list(ranker.base.get_decoder().layers) and len(blocks) == 4
+    CompileModel().setup(None, ranker, "fit")
+    assert all(b._compiled_call_impl is not None for b in blocks) and list(ranker.state_dict()) == names
+
+
 def _ce(ranker, batch):
     with torch.no_grad():
         out = ranker.answer_logits(batch)

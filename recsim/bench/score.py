@@ -3,7 +3,8 @@
 What is timed is the call `recsim.runner.evaluate_stage` makes, `method.score_candidates(rec, samples,
 candidates, cfg.eval.batch_size)`, on the first `bench.users` users of stage 0's test split (every group,
 in the split's order) with their stored 1 + `eval.negatives` candidates, after `bench.warmup` untimed calls
-on one `eval.batch_size` batch. The model is the freshly built one (a new adapter): scoring costs the same
+on one `eval.batch_size` batch. `bench.profile=<dir>` then profiles `bench.profile_steps` calls on one
+batch (recsim.bench.profile). The model is the freshly built one (a new adapter): scoring costs the same
 whatever the adapter's values. Peak memory covers the timed call only.
 """
 
@@ -44,8 +45,17 @@ def run(cfg, bench: dict) -> dict:
         method.score_candidates(rec, samples[:batch], candidates[:batch], batch)
     with UpdateMeter() as meter:
         _, seconds = timed(lambda: method.score_candidates(rec, samples, candidates, batch), device)
+    profile = None
+    if bench["profile"]:  # after the timed call, so the profiler's overhead never reaches the timing
+        from recsim.bench.profile import Profiled
+
+        runs = bench["profile_steps"]
+        with Profiled(bench["profile"], device, runs) as profiled:
+            for _ in range(runs):
+                method.score_candidates(rec, samples[:batch], candidates[:batch], batch)
+        profile = profiled.summary
     n, width = candidates.shape
-    return {"split": split, "users": n, "users_requested": bench["users"], "candidates_per_user": width,
+    return {"profile": profile, "split": split, "users": n, "users_requested": bench["users"], "candidates_per_user": width,
             "warmup_batches": bench["warmup"], "seconds": seconds, "users_per_s": n / seconds,
             "candidates_per_s": n * width / seconds, "method": cfg.method.name,
             "weights_dtype": weights_dtype(rec.module), "peak_mem_mb": meter.peak_mb, "memory_kind": meter.memory_kind}

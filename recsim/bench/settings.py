@@ -23,11 +23,13 @@ DEFAULTS = {
     "synthetic_scores": False,  # fullrank: rank a random [users, items+1] score matrix on the device, no model
     "items": None,           # fullrank with synthetic_scores: catalogue size; null: the composed dataset's
     "history_len": 20,       # fullrank with synthetic_scores: random masked history items per user
+    "profile": None,         # train / score: a folder; profile after the timed part (recsim.bench.profile)
+    "profile_steps": 3,      # with profile: optimiser steps (train) or one-batch calls (score) profiled
 }
 CHECKS: dict[str, Check] = {
     "steps": integer(1), "warmup": integer(0), "users": integer(1), "peak_tflops": number(0, lo_open=True),
     "out": text(null=True), "synthetic_scores": boolean(), "items": integer(1, null=True),
-    "history_len": integer(0),
+    "history_len": integer(0), "profile": text(null=True), "profile_steps": integer(1),
 }
 assert set(DEFAULTS) == set(CHECKS)
 

@@ -149,13 +149,20 @@ def run(cfg, bench: dict) -> dict | None:
     accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
     total_steps = bench["warmup"] + bench["steps"]
     needed = total_steps * batch_size * accumulate * expected_world_size(cfg.trainer)
-    samples, available = training_samples(cfg, rec, prepared.protocol, needed)
     dims = model_dims(rec.module) if rec.kind == "llm" else None
     timer = StepTimer(bench["warmup"], bench["steps"], dims)
+    callbacks = [timer]
+    if bench["profile"]:  # extra steps after the timed ones: the profiler's overhead never reaches the timing
+        from recsim.bench.profile import StepProfiler
+
+        callbacks.append(StepProfiler(total_steps + 1, total_steps + bench["profile_steps"], bench["profile"]))
+        total_steps += bench["profile_steps"]
+        needed = total_steps * batch_size * accumulate * expected_world_size(cfg.trainer)
+    samples, available = training_samples(cfg, rec, prepared.protocol, needed)
     # every epoch holds at least one optimiser step, so max_epochs = total_steps never stops the fit early
     optim = OmegaConf.merge(optim, {"epochs": total_steps, "max_steps": total_steps})
     with UpdateMeter() as meter:
-        train(cfg, rec, samples, optim, batch_size, cfg.seed, Path(cfg.paths.output_dir), "bench", callbacks=[timer])
+        train(cfg, rec, samples, optim, batch_size, cfg.seed, Path(cfg.paths.output_dir), "bench", callbacks=callbacks)
     if not timer.is_global_zero:
         return None
     steps = timer.step_seconds()
@@ -181,6 +188,7 @@ def run(cfg, bench: dict) -> dict | None:
                       if dims is not None else "none for classic models",
         "model_dims": vars(dims) if dims is not None else None,
         "weights_dtype": weights_dtype(rec.module), "peak_mem_mb": meter.peak_mb, "memory_kind": meter.memory_kind,
+        "profile": callbacks[1].summary if bench["profile"] else None,
     }
 
 

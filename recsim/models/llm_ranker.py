@@ -50,8 +50,10 @@ LossTerm = Callable[["LLMRanker", dict, dict], dict]
 
 
 class LLMRanker(L.LightningModule):
-    def __init__(self, model, tokenizer, titles: list[str], prompt_cfg, scoring_cfg, optim_cfg):
+    def __init__(self, model, tokenizer, titles: list[str], prompt_cfg, scoring_cfg, optim_cfg,
+                 pad_to_multiple_of: int | None = None):
         super().__init__()
+        self.pad_to_multiple_of = pad_to_multiple_of  # training batches' width (compiled shapes: fewer of them)
         self.model = model  # a peft PeftModel (LoRA injected into the base)
         self.tok = tokenizer
         self.titles = titles
@@ -100,6 +102,8 @@ class LLMRanker(L.LightningModule):
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
         width = max(map(len, seqs))
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
         label_t = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
@@ -139,6 +143,13 @@ class LLMRanker(L.LightningModule):
         rows = torch.arange(shifted.shape[0], device=shifted.device)[:, None].expand_as(shifted)[where]
         return {"logits": self.base.get_output_embeddings()(h).float(), "targets": shifted[where], "row": rows}
 
+    def compile_targets(self) -> list[torch.nn.Module]:
+        """What `trainer.compile` compiles: the decoder's blocks, each on its own (they share one graph; the
+        mask building and embedding around them stay eager), since the ranker calls the decoder itself."""
+        decoder = self.base.get_decoder()
+        blocks = getattr(decoder, "layers", None)
+        return list(blocks) if isinstance(blocks, torch.nn.ModuleList) else [decoder]
+
     def training_step(self, batch, batch_idx):
         out = self.answer_logits(batch)
         loss = F.cross_entropy(out["logits"], out["targets"])  # L_e: NLL of the answer tokens
@@ -153,7 +164,9 @@ class LLMRanker(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay)
+        # on a GPU one fused kernel updates every LoRA tensor (hundreds of small ones); the CPU keeps its loop
+        fused = {"fused": True} if params and params[0].is_cuda else {}
+        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay, **fused)
         if self.optim_cfg.get("scheduler", "constant") == "cosine":
             steps = max(1, self.trainer.estimated_stepping_batches)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

@@ -38,7 +38,8 @@ class LLMRecommender:
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: seed them
             model = lora_ops.add_lora(base, bb.lora)
-        self.module = LLMRanker(model, self.tokenizer, data.titles, cfg.recipe.prompt, cfg.recipe.scoring, cfg.trainer.base)
+        self.module = LLMRanker(model, self.tokenizer, data.titles, cfg.recipe.prompt, cfg.recipe.scoring, cfg.trainer.base,
+                                 pad_to_multiple_of=cfg.trainer.get("pad_to_multiple_of"))
         self.initial = lora_ops.snapshot(model)
 
     @property
