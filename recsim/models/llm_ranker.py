@@ -164,9 +164,9 @@ class LLMRanker(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        # on a GPU one fused kernel updates every LoRA tensor (hundreds of small ones); the CPU keeps its loop
-        fused = {"fused": True} if params and params[0].is_cuda else {}
-        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay, **fused)
+        # not fused=True: Lightning's mixed precision refuses gradient clipping with a fused optimiser
+        # (on CUDA torch already batches the hundreds of LoRA tensors with its foreach kernels)
+        opt = torch.optim.AdamW(params, lr=self.optim_cfg.lr, weight_decay=self.optim_cfg.weight_decay)
         if self.optim_cfg.get("scheduler", "constant") == "cosine":
             steps = max(1, self.trainer.estimated_stepping_batches)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
