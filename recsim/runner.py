@@ -71,12 +71,14 @@ def training_loader(cfg, rec, samples, batch_size: int, seed: int) -> DataLoader
     """Seeded shuffled batches, or with `trainer.group_by_length` (LLMs) batches of similar token counts:
     less padding per step, from transformers' seeded mega-batch sampler (see conf/trainer/default.yaml)."""
     generator = torch.Generator().manual_seed(seed)
+    pin = compute_device(cfg).type == "cuda"  # page-locked batches: the copy to the GPU does not block the host
     if cfg.trainer.get("group_by_length") and hasattr(rec, "sample_length"):
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         sampler = LengthGroupedSampler(batch_size, lengths=[rec.sample_length(s) for s in samples], generator=generator)
-        return DataLoader(samples, batch_size=batch_size, sampler=sampler, collate_fn=rec.collate)
-    return DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=rec.collate, generator=generator)
+        return DataLoader(samples, batch_size=batch_size, sampler=sampler, collate_fn=rec.collate, pin_memory=pin)
+    return DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=rec.collate, generator=generator,
+                      pin_memory=pin)
 
 
 def train(cfg, rec, samples, optim, batch_size: int, seed: int, out: Path, log_version: str,

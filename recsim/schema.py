@@ -226,7 +226,8 @@ RECIPE_BY_NAME = {"candidate_ranking": {f"recipe.{k}": c for k, c in {
     "generation.max_title_words": integer(1, null=True)}.items()}}
 # keys added later: optional, so configs written before them still validate (the code reads them with a default)
 RECIPE_OPTIONAL_BY_NAME = {"candidate_ranking": {
-    "recipe.scoring.kernel": one_of("packed", "kv_repeat")}}  # = recsim.models.llm_ranker.SCORING_KERNELS
+    "recipe.scoring.kernel": one_of("packed", "kv_repeat"),  # = recsim.models.llm_ranker.SCORING_KERNELS
+    "recipe.scoring.autocast": Check(lambda v: v in (True, False, "auto"), "auto, true or false")}}
 
 
 def _registry(kind: str) -> dict:

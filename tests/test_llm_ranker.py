@@ -104,6 +104,18 @@ def test_packed_scores_under_bf16_autocast_stay_close_to_fp32():
     np.testing.assert_allclose(low, ref, rtol=0, atol=1e-2)
 
 
+@pytest.mark.parametrize("kernel", ["packed", "kv_repeat"])
+def test_scoring_autocast_option_runs_the_decoder_in_bf16(kernel):
+    """scoring.autocast=true: the decoder's pass in bf16 (the scores move, within 1e-2); auto on CPU: fp32."""
+    ranker = tiny_ranker(kernel=kernel)
+    ref = naive_scores(ranker, SAMPLES, CANDS, "mean")
+    np.testing.assert_allclose(ranker.score_candidates(SAMPLES, CANDS, batch_size=3), ref, rtol=0, atol=1e-5)
+    ranker.scoring_cfg.autocast = True
+    low = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)
+    assert np.abs(low - ref).max() > 1e-5  # bf16 did run
+    np.testing.assert_allclose(low, ref, rtol=0, atol=1e-2)
+
+
 def test_packed_kernel_with_eager_attention():
     """Eager attention adds the mask to the scores: the packed kernel hands it an additive float mask."""
     ranker = tiny_ranker("sum", kernel="packed")
@@ -196,6 +208,23 @@ def test_pad_to_multiple_of_widens_batches_without_changing_the_loss():
     assert int(padded["attention_mask"].sum()) == int(plain["attention_mask"].sum())
     a, b = _ce(ranker, plain), _ce(ranker, padded)
     assert torch.nn.functional.cross_entropy(**a).item() == pytest.approx(torch.nn.functional.cross_entropy(**b).item(), abs=1e-5)
+
+
+def test_answer_indices_from_collate_pick_the_same_states_as_the_label_mask():
+    """collate's host-side answer indices (no device sync) select exactly what the labels' mask selects,
+    in the same order, with and without extra padding."""
+    ranker = tiny_ranker()
+    ranker.eval()
+    samples = [Sample(0, (1, 2, 3), 4), Sample(0, (5,), 6), Sample(0, (7, 8), 9)]
+    for pad in (None, 8):
+        ranker.pad_to_multiple_of = pad
+        batch = ranker.collate(samples)
+        masked = {k: v for k, v in batch.items() if k not in ("answer_row", "answer_col")}
+        with torch.no_grad():
+            fast, ref = ranker.answer_logits(batch), ranker.answer_logits(masked)
+        assert len(batch["answer_row"]) == sum(len(ranker.answer_ids(s.target)) for s in samples)
+        for key in ("logits", "targets", "row"):
+            assert torch.equal(fast[key], ref[key]), key
 
 
 def test_compile_targets_are_the_decoder_blocks_the_ranker_calls():

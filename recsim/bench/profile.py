@@ -66,7 +66,10 @@ class Profiled:
         busy = None
         if self.device.type == "cuda":
             (self.folder / "ops_by_device_time.txt").write_text(table.table(sort_by="self_device_time_total", row_limit=40))
-            busy = sum(e.self_device_time_total for e in table) / 1e6 / self.steps
+            # the device's own events (kernels, copies), not the host ranges that also carry device time
+            kernels = [e for e in self._prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+            busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / self.steps
         syncs = Counter(f"{w.filename}:{w.lineno}" for w in self._caught if "synchroniz" in str(w.message))
         (self.folder / "host_syncs.txt").write_text(
             "".join(f"{n / self.steps:8.1f} per step  {where}\n" for where, n in syncs.most_common()) or "none\n")

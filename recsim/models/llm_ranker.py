@@ -95,8 +95,12 @@ class LLMRanker(L.LightningModule):
         return self._answer_ids[item]
 
     def collate(self, samples: list[Sample]) -> dict:
-        """Left-padded prompt+answer sequences; labels are -100 except on the answer tokens."""
-        seqs, labels = [], []
+        """Left-padded prompt+answer sequences; labels are -100 except on the answer tokens.
+
+        `answer_row` / `answer_col` [M] locate the states that predict the answer tokens (column t predicts
+        token t+1), in the order of a boolean mask over the labels: indices known on the host, so picking
+        the answer states needs no device-to-host sync (a boolean mask's nonzero would, every step)."""
+        seqs, labels, rows, cols = [], [], [], []
         for s in samples:
             p, a = self.prompt_ids(s.history), self.answer_ids(s.target)
             seqs.append(p + a)
@@ -104,12 +108,17 @@ class LLMRanker(L.LightningModule):
         width = max(map(len, seqs))
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        for b, (seq, lab) in enumerate(zip(seqs, labels)):
+            answer = sum(x != -100 for x in lab)
+            rows += [b] * answer
+            cols += range(width - answer - 1, width - 1)
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
         label_t = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
         return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-                "user": torch.tensor([s.user for s in samples])}
+                "user": torch.tensor([s.user for s in samples]),
+                "answer_row": torch.tensor(rows, dtype=torch.long), "answer_col": torch.tensor(cols, dtype=torch.long)}
 
     def _left_pad(self, rows: list[list[int]]):
         width = max(map(len, rows))
@@ -131,17 +140,24 @@ class LLMRanker(L.LightningModule):
         return torch.func.functional_call(holder, {f"model.{k}": v for k, v in params.items()}, args, kwargs, strict=False)
 
     def _decode(self, input_ids, attention_mask, **kw):
+        # no KV cache unless asked: building one copies every layer's keys and values, and under torch.compile
+        # its per-layer state is a guard that recompiles each block until compilation gives up
+        kw.setdefault("use_cache", False)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
         return self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kw)
 
     def answer_logits(self, batch: dict) -> dict:
         """Logits at the positions that predict answer tokens: {"logits": [M, V], "targets": [M], "row": [M]}."""
         hidden = self._decode(batch["input_ids"], batch["attention_mask"]).last_hidden_state  # [B, L, H]
-        shifted = batch["labels"][:, 1:]
-        where = shifted != -100  # [B, L-1]
-        h = hidden[:, :-1][where]  # [M, H]
-        rows = torch.arange(shifted.shape[0], device=shifted.device)[:, None].expand_as(shifted)[where]
-        return {"logits": self.base.get_output_embeddings()(h).float(), "targets": shifted[where], "row": rows}
+        if "answer_row" in batch:  # collate's host-side indices: no sync
+            rows, cols = batch["answer_row"], batch["answer_col"]
+            h, targets = hidden[rows, cols], batch["labels"][rows, cols + 1]
+        else:  # a batch cut from other tensors (L_c's pool): the labels' mask
+            shifted = batch["labels"][:, 1:]
+            where = shifted != -100  # [B, L-1]
+            h, targets = hidden[:, :-1][where], shifted[where]  # [M, H]
+            rows = torch.arange(shifted.shape[0], device=shifted.device)[:, None].expand_as(shifted)[where]
+        return {"logits": self.base.get_output_embeddings()(h).float(), "targets": targets, "row": rows}
 
     def compile_targets(self) -> list[torch.nn.Module]:
         """What `trainer.compile` compiles: the decoder's blocks, each on its own (they share one graph; the
@@ -215,54 +231,70 @@ class LLMRanker(L.LightningModule):
     def _score_chunk_packed(self, samples, cands: np.ndarray) -> np.ndarray:
         """One pass per user over prompt + cand_1 + ... + cand_C (right-padded), masked so candidates stay apart."""
         B, C = cands.shape
-        seqs, segs, poss = [], [], []
-        row, src, tgt, owner = [], [], [], []  # per answer token: user, index of the state predicting it, id, b*C+c
-        for b, s in enumerate(samples):
-            p = self.prompt_ids(s.history)
-            ids, seg, pos = list(p), [0] * len(p), list(range(len(p)))
-            for c, item in enumerate(cands[b]):
-                a, start = self.answer_ids(int(item)), len(ids)
-                # token k is predicted by the state before it; token 0 by the prompt's last token
-                src += [len(p) - 1] + list(range(start, start + len(a) - 1))
-                row += [b] * len(a)
-                tgt += a
-                owner += [b * C + c] * len(a)
-                ids += a
-                seg += [c + 1] * len(a)
-                pos += range(len(p), len(p) + len(a))  # every candidate continues the prompt at position P
-            seqs.append(ids)
-            segs.append(seg)
-            poss.append(pos)
-        width, pad, dev = max(map(len, seqs)), self.tok.pad_token_id, self.device
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], device=dev)
-        seg = torch.tensor([x + [-1] * (width - len(x)) for x in segs], device=dev)
-        positions = torch.tensor([x + [0] * (width - len(x)) for x in poss], device=dev)
-        hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=self._packed_mask(seg),
-                                         position_ids=positions, use_cache=False).last_hidden_state
-        h = hidden[torch.tensor(row, device=dev), torch.tensor(src, device=dev)]  # [N, H]
-        tgt, owner = torch.tensor(tgt, device=dev), torch.tensor(owner, device=dev)
+        prompts = [self.prompt_ids(s.history) for s in samples]
+        answers = [[self.answer_ids(int(item)) for item in row] for row in cands]
+        a_len = np.array([[len(a) for a in row] for row in answers])  # [B, C]
+        p_len = np.array([len(p) for p in prompts])
+        lengths = p_len + a_len.sum(1)
+        width, dev = int(lengths.max()), self.device
+        ids = np.full((B, width), self.tok.pad_token_id, dtype=np.int64)
+        seg = np.full((B, width), -1, dtype=np.int64)  # 0 prompt, c+1 candidate c, -1 padding
+        pos = np.zeros((B, width), dtype=np.int64)
+        for b in range(B):
+            row = np.concatenate([prompts[b], *answers[b]])
+            ids[b, : len(row)] = row
+            seg[b, : lengths[b]] = np.repeat(np.arange(C + 1), np.concatenate([[p_len[b]], a_len[b]]))
+            pos[b, : p_len[b]] = np.arange(p_len[b])
+        # every candidate continues the prompt at positions P, P+1, ... as if it alone followed it
+        start = p_len[:, None] + np.concatenate([np.zeros((B, 1), dtype=np.int64), a_len.cumsum(1)[:, :-1]], 1)
+        tok_b = np.repeat(np.arange(B), a_len.sum(1))  # per answer token: its user,
+        tok_col = np.concatenate([np.arange(s0, s0 + n) for s0, n in zip(start.ravel(), a_len.ravel())])  # column,
+        tok_off = tok_col - np.repeat(start.ravel(), a_len.ravel())  # offset inside its candidate
+        pos[tok_b, tok_col] = np.repeat(p_len, a_len.sum(1)) + tok_off
+        # token k of a candidate is predicted by the state before it; token 0 by the prompt's last token
+        src = np.where(tok_off == 0, np.repeat(p_len - 1, a_len.sum(1)), tok_col - 1)
+        to_dev = lambda x: torch.from_numpy(x).to(dev, non_blocking=True)
+        input_ids, seg_t, positions = to_dev(ids), to_dev(seg), to_dev(pos)
+        with self._scoring_autocast():
+            hidden = self.base.get_decoder()(input_ids=input_ids, attention_mask=self._packed_mask(seg_t),
+                                             position_ids=positions, use_cache=False).last_hidden_state
+        h = hidden[to_dev(tok_b), to_dev(src)]  # [N, H]
+        tgt = input_ids[to_dev(tok_b), to_dev(tok_col)]
         head = self.base.get_output_embeddings()
         if type(head) is torch.nn.Linear:  # fp32 logits under bf16 autocast too: a bf16 logit near 16 is off by 0.03
-            w, b = head.weight.float(), None if head.bias is None else head.bias.float()
-            head = lambda x: F.linear(x.float(), w, b)
+            w, bias = head.weight.float(), None if head.bias is None else head.bias.float()
+            head = lambda x: F.linear(x.float(), w, bias)
         token_lp = torch.empty(len(tgt), device=dev)
         rows = 2048  # bounds the [rows, V] fp32 logits block (400 MB at V = 49,152)
         with torch.autocast(dev.type, enabled=False):
             for r in range(0, len(tgt), rows):
                 logits = head(h[r : r + rows]).float()
                 token_lp[r : r + rows] = logits.gather(-1, tgt[r : r + rows, None])[:, 0] - logits.logsumexp(-1)
-        # summed in float64 (on the CPU: N numbers): an fp32 sum of ~130 is only good to 1.5e-5
-        owner, token_lp = owner.cpu(), token_lp.cpu().double()
-        total = torch.zeros(B * C, dtype=torch.float64).index_add_(0, owner, token_lp)
+        # per-candidate sums in float64 (an fp32 sum of ~130 is only good to 1.5e-5): a candidate's tokens are
+        # contiguous, so its sum is a difference of the cumulative sum at its ends (deterministic, on the device)
+        ends = to_dev(a_len.ravel().cumsum())
+        csum = torch.cat([token_lp.new_zeros(1, dtype=torch.float64), token_lp.double().cumsum(0)])
+        total = csum[ends] - csum[ends - to_dev(a_len.ravel())]
         if self.scoring_cfg.normalize == "mean":
-            total = total / torch.bincount(owner, minlength=B * C)
-        return total.view(B, C).numpy()
+            total = total / to_dev(a_len.ravel()).double()
+        return total.view(B, C).cpu().numpy()
+
+    def _scoring_autocast(self):
+        """`scoring.autocast`: bf16 autocast for the decoder's pass (auto: on a GPU). Off, an enclosing autocast
+        (if any) still applies, a bf16 base runs in bf16 and the LoRA branch in the adapter's fp32; exact fp32
+        scores need backbone.dtype=float32 too."""
+        import contextlib
+
+        mode = self.scoring_cfg.get("autocast", "auto")
+        on = self.device.type == "cuda" if mode == "auto" else bool(mode)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def _score_chunk_kv_repeat(self, samples, cands: np.ndarray) -> np.ndarray:
         """The prompt once, its KV cache copied C times, then one pass over the C titles (the reference)."""
         B, C = cands.shape
         p_ids, p_mask = self._left_pad([self.prompt_ids(s.history) for s in samples])
-        first = self._decode(p_ids, p_mask, use_cache=True)
+        with self._scoring_autocast():
+            first = self._decode(p_ids, p_mask, use_cache=True)
         cache = first.past_key_values if hasattr(first, "past_key_values") else first.cache
         cache.batch_repeat_interleave(C)  # share the prompt pass across the C candidates
         answers = [self.answer_ids(int(i)) for i in cands.reshape(-1)]
@@ -272,8 +304,9 @@ class LLMRanker(L.LightningModule):
         attn = torch.cat([p_mask.repeat_interleave(C, 0), a_mask], dim=1)
         positions = p_mask.sum(1).repeat_interleave(C)[:, None] + torch.arange(width, device=self.device)
         decoder = self.base.get_decoder()
-        second = decoder(input_ids=a_ids, attention_mask=attn, position_ids=positions, use_cache=False,
-                         **{_cache_kwarg(decoder): cache})
+        with self._scoring_autocast():
+            second = decoder(input_ids=a_ids, attention_mask=attn, position_ids=positions, use_cache=False,
+                             **{_cache_kwarg(decoder): cache})
         # token k of an answer is predicted by answer position k-1, token 0 by the prompt's last position
         h = torch.cat([first.last_hidden_state[:, -1:].repeat_interleave(C, 0), second.last_hidden_state[:, :-1]], 1)
         head = self.base.get_output_embeddings()
