@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # recsim.bench on one GPU (issue 12's figures), each variant one process, beside the plain-loop reference.
 #   OUT=<dir> LIMIT=<path to lora_limit.py> bash benchmarks/gpu_bench.sh [part ...]
-#   parts: limit train train1b score fullrank profile compiled (default: the first five). Each variant writes <OUT>/<name>.json + .log.
+#   parts: limit train train1b score fullrank profile compiled score2 (default: the first five). Each variant writes <OUT>/<name>.json + .log.
 # Needs the staged SmolLM2 and Beauty (../shared/device/README.md): PYTHONPATH, RECSIM_CACHE, RECSIM_DATA.
 set -uo pipefail
 OUT=${OUT:?output dir}; mkdir -p "$OUT"
@@ -39,6 +39,8 @@ for part in $PARTS; do case $part in
              trainer.deterministic=false "${PROF[@]}" bench.profile=$OUT/prof_b16_nodet
            bench prof_score_packed_b256 score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed \
              eval.batch_size=256 bench.users=1024 bench.profile_steps=2 bench.profile=$OUT/prof_score_packed_b256 ;;
+  score2)  bench score_packed_b512 score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed eval.batch_size=512 \
+             bench.users=4096 bench.profile_steps=2 bench.profile=$OUT/prof_score_packed_b512 ;;
   compiled) for b in 16 64 256; do
              bench "train_b${b}_compile" train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=$b "${FAST[@]}" \
                trainer.compile=true trainer.pad_to_multiple_of=16 bench.warmup=8 "${PROF[@]}" bench.profile=$OUT/prof_b${b}_compile
