@@ -39,6 +39,8 @@ def essentials(cfg: DictConfig, overrides: list[str]) -> dict:
         "devices": OmegaConf.to_container(cfg.trainer, resolve=True).get("devices", 1),
         "compile": bool(t["compile"]), "deterministic": bool(t["deterministic"]),
         "scoring_kernel": OmegaConf.select(cfg, "recipe.scoring.kernel"),  # LLM scoring: packed / kv_repeat (if set)
+        "scoring_autocast": OmegaConf.select(cfg, "recipe.scoring.autocast"),  # auto: bf16 on a GPU (if set)
+        "compile_mode": t["compile_mode"], "pad_to_multiple_of": OmegaConf.select(cfg, "trainer.pad_to_multiple_of"),
         "overrides": list(overrides),
     }
 
