@@ -6,7 +6,7 @@ export RECSIM_DATA ?= $(abspath ../shared/data)
 export RECSIM_CACHE ?= $(abspath .cache/recsim)
 SCALE  ?= smoke
 
-.PHONY: install run test test-fast reproduce-tables clean
+.PHONY: install run test test-slow test-all reproduce-tables clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,14 @@ run: install  ## the default continual experiment: synthetic data, pretrained Sm
 	$(PY) -m recsim.run -m experiment=default method=base,finetune hydra.sweep.dir=$(RUN_DIR)
 	$(PY) -m recsim.tables $(RUN_DIR) --metrics HR@1,HR@3,NDCG@3,NDCG@10 --baseline base
 
-test: install  ## the whole suite (slow tests included)
-	$(PY) -m pytest -q
-
-test-fast: install
+test: install  ## the default suite (~13 min on 2 cores): everything but the `slow` end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install  ## the `slow` tests only (pretrained-model and experiment end-to-end runs; CI runs them too)
+	$(PY) -m pytest -q -m slow
+
+test-all: install  ## the whole suite
+	$(PY) -m pytest -q
 
 reproduce-tables: install  ## SCALE=smoke|cpu|gpu|paper
 	$(PY) -m recsim.reproduce --scale $(SCALE)

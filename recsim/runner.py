@@ -71,7 +71,7 @@ def training_loader(cfg, rec, samples, batch_size: int, seed: int) -> DataLoader
     """Seeded shuffled batches, or with `trainer.group_by_length` (LLMs) batches of similar token counts:
     less padding per step, from transformers' seeded mega-batch sampler (see conf/trainer/default.yaml)."""
     generator = torch.Generator().manual_seed(seed)
-    pin = compute_device(cfg).type == "cuda"  # page-locked batches: the copy to the GPU does not block the host
+    pin = uses_gpu(cfg.trainer.get("accelerator", "auto"))  # page-locked batches: the copy to the GPU does not block the host
     if cfg.trainer.get("group_by_length") and hasattr(rec, "sample_length"):
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
