@@ -25,7 +25,7 @@ run: install  ## the default continual experiment: synthetic data, pretrained Sm
 	$(PY) -m recsim.run -m experiment=default method=base,finetune hydra.sweep.dir=$(RUN_DIR)
 	$(PY) -m recsim.tables $(RUN_DIR) --metrics HR@1,HR@3,NDCG@3,NDCG@10 --baseline base
 
-test: install  ## the default suite (~13 min on 2 cores): everything but the `slow` end-to-end tests
+test: install  ## the default suite (~5 min on 2 cores): everything but the `slow` end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: install  ## the `slow` tests only (pretrained-model and experiment end-to-end runs; CI runs them too)
