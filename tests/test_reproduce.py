@@ -25,7 +25,7 @@ def test_every_spec_parses_and_names_its_runs():
     specs = load_specs(DEFAULT_EXPERIMENTS)
     assert {s.key for s in specs} == {
         "evorec_main_beauty", "evorec_main_toys", "evorec_toys_efficiency", "evorec_ablation",
-        "evorec_t_sensitivity"}  # fmt: skip
+        "evorec_t_sensitivity", "evorec_lambda_sensitivity"}  # fmt: skip
     for spec in specs:
         names = {r.name for r in spec.runs}
         assert set(spec.paper_numbers) <= names, spec.key
