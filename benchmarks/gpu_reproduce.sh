@@ -3,17 +3,26 @@
 # caches that seed's stage 0, shared by the other methods), then every other run in parallel, then the
 # render (TABLES.md beside the paper's numbers). The run folders are recsim.reproduce's, so
 # `python -m recsim.reproduce --render-only` reads them and a rerun skips what is DONE.
-#   OUT=<out root> SCALE=cpu_gpu TABLES=evorec_main_beauty P=21 bash benchmarks/gpu_reproduce.sh
+#   OUT=<out root> SCALE=cpu_gpu TABLES=evorec_main_beauty P=21 [GPUS=8] [PACK=<file.tgz>] bash benchmarks/gpu_reproduce.sh
+# GPUS: devices to spread the runs over (default: every GPU nvidia-smi lists); a run in job slot s sees only
+# GPU s mod GPUS (CUDA_VISIBLE_DEVICES), so P = GPUS puts one run on each. PACK: at the end, the run folders
+# without weights (no *.safetensors, no adapter/), the logs and TABLES.md in one tar, to bring back.
 set -euo pipefail
 OUT=${OUT:?output root}; SCALE=${SCALE:-cpu_gpu}; TABLES=${TABLES:-evorec_main_beauty}; P=${P:-21}
+GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}; GPUS=${GPUS:-1}; [ "$GPUS" -ge 1 ] || GPUS=1
+export GPUS
 rep=(python3 -m recsim.reproduce --scale "$SCALE" --tables "$TABLES" --out "$OUT")
 mkdir -p "$OUT"
 "${rep[@]}" --dry-run | grep -v '^#' > "$OUT/commands.txt" || true
-run_all() {  # run the command lines on stdin, $1 at a time, each into <run dir>.log
-  xargs -d '\n' -P "$1" -I{} bash -c 'cmd="$1"; dir=${cmd##*hydra.run.dir=}; mkdir -p "$(dirname "$dir")";
-    echo "# $cmd" >> "$dir.log"; s=$(date +%s); eval "$cmd" >> "$dir.log" 2>&1 && echo "done $dir $(( $(date +%s) - s )) s" \
+run_all() {  # run the command lines on stdin, $1 at a time, each into <run dir>.log, slot s on GPU s mod GPUS
+  xargs -d '\n' -P "$1" --process-slot-var=SLOT -I{} bash -c 'export CUDA_VISIBLE_DEVICES=$(( SLOT % GPUS ));
+    cmd="$1"; dir=${cmd##*hydra.run.dir=}; mkdir -p "$(dirname "$dir")";
+    echo "# CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $cmd" >> "$dir.log"; s=$(date +%s); eval "$cmd" >> "$dir.log" 2>&1 && echo "done $dir $(( $(date +%s) - s )) s" \
     || echo "FAILED $dir"' _ {}
 }
-grep -E '(^| )method=base( |$)' "$OUT/commands.txt" | run_all "$P"
-grep -vE '(^| )method=base( |$)' "$OUT/commands.txt" | run_all "$P"
+{ grep -E '(^| )method=base( |$)' "$OUT/commands.txt" || true; } | run_all "$P"  # a table may have no base run
+{ grep -vE '(^| )method=base( |$)' "$OUT/commands.txt" || true; } | run_all "$P"
 "${rep[@]}" --render-only > /dev/null
+if [ -n "${PACK:-}" ]; then
+  tar czf "$PACK" --exclude='*.safetensors' --exclude=adapter -C "$OUT" .
+fi
