@@ -108,7 +108,7 @@ class LLMRanker(L.LightningModule):
         width = max(map(len, seqs))
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        for b, (seq, lab) in enumerate(zip(seqs, labels)):
+        for b, lab in enumerate(labels):
             answer = sum(x != -100 for x in lab)
             rows += [b] * answer
             cols += range(width - answer - 1, width - 1)
