@@ -163,6 +163,19 @@ def test_shared_stage0_key_follows_data_content_and_code_not_paths(tmp_path, mon
     assert _base_key(data, tmp_path / "cache") != key
 
 
+def test_shared_stage0_key_follows_the_batching_that_shapes_stage_0(tmp_path):
+    """Length-grouped batches train another stage 0 (other batch mixes): a cached one must not be reused;
+    the logging interval changes nothing that is learned and keeps the key."""
+    data = tmp_path / "data"
+    (data / "staged").mkdir(parents=True)
+    (data / "staged" / "interactions.csv.gz").write_bytes(b"user_id,item_id,timestamp\n1,2,3\n")
+    (data / "staged" / "items.csv.gz").write_bytes(b"item_id,title\n2,A\n")
+    key = _base_key(data, tmp_path / "cache")
+    for changed in ("trainer.group_by_length=true", "trainer.pad_to_multiple_of=16", "trainer.compile_mode=default"):
+        assert _base_key(data, tmp_path / "cache", changed) != key, changed
+    assert _base_key(data, tmp_path / "cache", "trainer.log_every_n_steps=50") == key
+
+
 def test_cache_key_covers_format_version(monkeypatch):
     key = cache_key("r", {"k_core": 5}, [])
     monkeypatch.setattr("recsim.data.cache.DATA_FORMAT_VERSION", DATA_FORMAT_VERSION + 1)
