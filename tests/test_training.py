@@ -76,6 +76,19 @@ def test_compile_callback_compiles_the_network_in_place():
     assert m.model._compiled_call_impl is not None and list(m.state_dict()) == names  # no _orig_mod. prefix
 
 
+def test_compile_mode_reaches_torch_compile(recorded, monkeypatch):
+    kw = build_trainer({"compile": True, "compile_mode": "reduce-overhead"}, max_epochs=1)
+    (callback,) = kw["callbacks"]
+    assert isinstance(callback, CompileModel) and callback.mode == "reduce-overhead"
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    module = lightning.LightningModule()
+    module.model = torch.nn.Linear(2, 2)
+    callback.setup(None, module, "fit")
+    CompileModel().setup(None, module, "fit")  # no mode: torch.compile's default
+    assert seen == [{"mode": "reduce-overhead"}, {}]
+
+
 class Recorder:
     """A recommender stand-in for runner.train: records what fit received."""
 
