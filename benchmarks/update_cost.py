@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", nargs="+", required=True)
@@ -38,7 +37,7 @@ def main() -> None:
 
     common = [o for o in args.overrides if not o.startswith("method.")]
     method_keys = [o for o in args.overrides if o.startswith("method.")]
-    rec, protocol, results = None, None, []
+    rec, protocol = None, None
     out = Path(tempfile.mkdtemp(prefix="update_cost_"))
     for rep in range(args.repeat):
         for variant in args.variants:
@@ -62,7 +61,6 @@ def main() -> None:
                    "train_samples": eff["train_samples"], "filter_seconds": round(eff.get("filter_seconds", 0.0), 1),
                    "kl_samples": eff.get("kl_samples"), "kl_pool": eff.get("kl_pool"),
                    "threads": torch.get_num_threads()}
-            results.append(row)
             print(json.dumps(row), flush=True)
 
 

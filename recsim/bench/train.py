@@ -147,17 +147,17 @@ def run(cfg, bench: dict) -> dict | None:
     rec = build_recommender(cfg, prepared.data)
     optim, batch_size = rec.schedule(0)
     accumulate = int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    total_steps = bench["warmup"] + bench["steps"]
-    needed = total_steps * batch_size * accumulate * expected_world_size(cfg.trainer)
+    timed_end = bench["warmup"] + bench["steps"]
     dims = model_dims(rec.module) if rec.kind == "llm" else None
     timer = StepTimer(bench["warmup"], bench["steps"], dims)
     callbacks = [timer]
+    total_steps = timed_end
     if bench["profile"]:  # extra steps after the timed ones: the profiler's overhead never reaches the timing
         from recsim.bench.profile import StepProfiler
 
-        callbacks.append(StepProfiler(total_steps + 1, total_steps + bench["profile_steps"], bench["profile"]))
         total_steps += bench["profile_steps"]
-        needed = total_steps * batch_size * accumulate * expected_world_size(cfg.trainer)
+        callbacks.append(StepProfiler(timed_end + 1, total_steps, bench["profile"]))
+    needed = total_steps * batch_size * accumulate * expected_world_size(cfg.trainer)
     samples, available = training_samples(cfg, rec, prepared.protocol, needed)
     # every epoch holds at least one optimiser step, so max_epochs = total_steps never stops the fit early
     optim = OmegaConf.merge(optim, {"epochs": total_steps, "max_steps": total_steps})

@@ -103,8 +103,12 @@ def kl_rows(module, batch: dict, anchor: dict[str, torch.Tensor], positions: str
             frozen = module.with_params(anchor, _position_logits, module, batch, positions)
     finally:
         module.train(was_training)
-    # KL(p ‖ q) = Σ_v p_v (log p_v − log q_v), p = frozen, q = current
-    return F.kl_div(F.log_softmax(current, -1), F.log_softmax(frozen, -1), log_target=True, reduction="none").sum(-1)
+    return _kl(current, F.log_softmax(frozen, -1))
+
+
+def _kl(current_logits: torch.Tensor, frozen_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per position, p = frozen, q = current."""
+    return F.kl_div(F.log_softmax(current_logits, -1), frozen_logp, log_target=True, reduction="none").sum(-1)
 
 
 def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -252,7 +256,7 @@ class KLPool:
             state = state_entering(module, self.split, inputs, mask)
             if not self.checked:
                 self._check_split(module, anchor, inputs, mask, state)
-        if self.split:
+        if self.split:  # the check may have dropped the split
             if self.state is None:
                 self.state = torch.zeros((len(self.lengths), self.width, state.shape[-1]), dtype=state.dtype,
                                          device=state.device)
@@ -303,7 +307,7 @@ class KLPool:
             current = self._logits(module, inputs, mask, where)
         finally:
             module.train(was_training)
-        return F.kl_div(F.log_softmax(current, -1), frozen, log_target=True, reduction="none").sum(-1)
+        return _kl(current, frozen)
 
     def _logp_rows(self, rows: np.ndarray) -> torch.Tensor:
         """Rows of `logp` holding these pool rows' positions, in the order of `_cut`'s positions."""

@@ -57,7 +57,7 @@ def state_entering(module, layer: int, input_ids: torch.Tensor, attention_mask: 
     handle = decoder.norm.register_forward_pre_hook(lambda m, args: held.__setitem__("state", args[0]))
     try:
         with blocks(decoder, 0, layer):
-            module._decode(input_ids, attention_mask, use_cache=False)
+            module._decode(input_ids, attention_mask)
     finally:
         handle.remove()
     return held["state"]
@@ -68,7 +68,7 @@ def decode_from(module, layer: int, state: torch.Tensor, attention_mask: torch.T
     `state` [B, L, H]: blocks >= `layer` and the final norm run, with the position ids `_decode` derives
     from `attention_mask` (the pre-hook saw the same ones)."""
     with blocks(module.base.get_decoder(), layer):
-        return module._decode(None, attention_mask, inputs_embeds=state, use_cache=False).last_hidden_state
+        return module._decode(None, attention_mask, inputs_embeds=state).last_hidden_state
 
 
 def split_matches(full: torch.Tensor, split: torch.Tensor) -> bool:

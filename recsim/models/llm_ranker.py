@@ -16,6 +16,7 @@ prompt, copies its KV cache C times and runs the C titles in a second pass; the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Callable
 
@@ -100,16 +101,16 @@ class LLMRanker(L.LightningModule):
         `answer_row` / `answer_col` [M] locate the states that predict the answer tokens (column t predicts
         token t+1), in the order of a boolean mask over the labels: indices known on the host, so picking
         the answer states needs no device-to-host sync (a boolean mask's nonzero would, every step)."""
-        seqs, labels, rows, cols = [], [], [], []
+        seqs, labels, answer_lens, rows, cols = [], [], [], [], []
         for s in samples:
             p, a = self.prompt_ids(s.history), self.answer_ids(s.target)
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
+            answer_lens.append(len(a))
         width = max(map(len, seqs))
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        for b, lab in enumerate(labels):
-            answer = sum(x != -100 for x in lab)
+        for b, answer in enumerate(answer_lens):  # left padding: a row's answer ends at the last column
             rows += [b] * answer
             cols += range(width - answer - 1, width - 1)
         pad = self.tok.pad_token_id
@@ -247,9 +248,11 @@ class LLMRanker(L.LightningModule):
             pos[b, : p_len[b]] = np.arange(p_len[b])
         # every candidate continues the prompt at positions P, P+1, ... as if it alone followed it
         start = p_len[:, None] + np.concatenate([np.zeros((B, 1), dtype=np.int64), a_len.cumsum(1)[:, :-1]], 1)
-        tok_b = np.repeat(np.arange(B), a_len.sum(1))  # per answer token: its user,
-        tok_col = np.concatenate([np.arange(s0, s0 + n) for s0, n in zip(start.ravel(), a_len.ravel())])  # column,
-        tok_off = tok_col - np.repeat(start.ravel(), a_len.ravel())  # offset inside its candidate
+        # per answer token, in user-then-candidate order: its user, its offset inside its candidate, its column
+        flat = a_len.ravel()
+        tok_b = np.repeat(np.arange(B), a_len.sum(1))
+        tok_off = np.arange(flat.sum()) - np.repeat(flat.cumsum() - flat, flat)
+        tok_col = np.repeat(start.ravel(), flat) + tok_off
         pos[tok_b, tok_col] = np.repeat(p_len, a_len.sum(1)) + tok_off
         # token k of a candidate is predicted by the state before it; token 0 by the prompt's last token
         src = np.where(tok_off == 0, np.repeat(p_len - 1, a_len.sum(1)), tok_col - 1)
@@ -272,19 +275,18 @@ class LLMRanker(L.LightningModule):
                 token_lp[r : r + rows] = logits.gather(-1, tgt[r : r + rows, None])[:, 0] - logits.logsumexp(-1)
         # per-candidate sums in float64 (an fp32 sum of ~130 is only good to 1.5e-5): a candidate's tokens are
         # contiguous, so its sum is a difference of the cumulative sum at its ends (deterministic, on the device)
-        ends = to_dev(a_len.ravel().cumsum())
+        lens = to_dev(flat)
         csum = torch.cat([token_lp.new_zeros(1, dtype=torch.float64), token_lp.double().cumsum(0)])
-        total = csum[ends] - csum[ends - to_dev(a_len.ravel())]
+        ends = lens.cumsum(0)
+        total = csum[ends] - csum[ends - lens]
         if self.scoring_cfg.normalize == "mean":
-            total = total / to_dev(a_len.ravel()).double()
+            total = total / lens.double()
         return total.view(B, C).cpu().numpy()
 
     def _scoring_autocast(self):
         """`scoring.autocast`: bf16 autocast for the decoder's pass (auto: on a GPU). Off, an enclosing autocast
         (if any) still applies, a bf16 base runs in bf16 and the LoRA branch in the adapter's fp32; exact fp32
         scores need backbone.dtype=float32 too."""
-        import contextlib
-
         mode = self.scoring_cfg.get("autocast", "auto")
         on = self.device.type == "cuda" if mode == "auto" else bool(mode)
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
