@@ -1,5 +1,6 @@
 """The LLM recommender on the tiny random Llama: scoring, training, adapters (numbers are not an LLM's)."""
 
+import contextlib
 import os
 
 import lightning as L
@@ -11,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from recsim.backbones import lora as lora_ops
 from recsim.backbones.llm import load_base_model, load_tokenizer
-from recsim.models.llm_ranker import LLMRanker
+from recsim.models import llm_ranker as llm_ranker_module
+from recsim.models.llm_ranker import LLMRanker, fp32_logits
 from recsim.protocols.base import Sample
 
 from conftest import REPO
@@ -114,6 +116,64 @@ def test_scoring_autocast_option_runs_the_decoder_in_bf16(kernel):
     low = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)
     assert np.abs(low - ref).max() > 1e-5  # bf16 did run
     np.testing.assert_allclose(low, ref, rtol=0, atol=1e-2)
+
+
+def test_lora_inputs_stay_bf16_under_autocast_and_nothing_moves(monkeypatch):
+    """Under autocast peft's cast of a LoRA input to the adapter's fp32 is off (autocast casts it back to bf16 for
+    the matmul): lora_A sees the bf16 activation, and scores and training logits are bit-identical to a pass
+    with the cast on. Outside the pass the flag is restored; without autocast the cast stays on."""
+    ranker = tiny_ranker(kernel="packed")
+    for name, p in ranker.model.named_parameters():  # as on a GPU: a bf16 base (its residual stream bf16), fp32 LoRA
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    ranker.scoring_cfg.autocast = True
+    lora_a = next(m for n, m in ranker.model.named_modules() if n.endswith("q_proj.lora_A.default"))
+    seen = []
+    lora_a.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    batch = ranker.collate(SAMPLES)
+
+    def passes():
+        seen.clear()
+        scores = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)
+        ranker.eval()  # LoRA dropout off: in training it draws its mask on the bf16 tensor (same law, other bits)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            logits = ranker.answer_logits(batch)["logits"]  # the training pass's path (_decode)
+        return scores, logits, set(seen)
+
+    fast, fast_logits, fast_dtypes = passes()
+    assert fast_dtypes == {torch.bfloat16}
+    assert all(m.cast_input_dtype_enabled for m in ranker.model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+    # the control: peft's cast left on (the code before this change)
+    monkeypatch.setattr(llm_ranker_module, "disable_input_dtype_casting", lambda model, active: contextlib.nullcontext())
+    ref, ref_logits, ref_dtypes = passes()
+    assert ref_dtypes == {torch.float32}
+    np.testing.assert_array_equal(fast, ref)
+    assert torch.equal(fast_logits, ref_logits)
+    monkeypatch.undo()
+    seen.clear()
+    ranker.scoring_cfg.autocast = False
+    ranker.score_candidates(SAMPLES[:1], CANDS[:1])
+    assert set(seen) == {torch.float32}  # no autocast: the bf16 input is cast for the fp32 adapter, as it must be
+
+
+def test_fp32_logits_on_cpu_is_the_fp32_gemm():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=True).to(torch.bfloat16)
+    h = torch.randn(7, 16, dtype=torch.bfloat16)
+    out = fp32_logits(head, h)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.nn.functional.linear(h.float(), head.weight.float(), head.bias.float()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.mm(out_dtype=) is CUDA-only")
+def test_fp32_logits_bf16_gemm_on_cuda_matches_the_fp32_gemm():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(576, 4096, bias=False).to("cuda", torch.bfloat16)
+    h = torch.randn(300, 576, device="cuda", dtype=torch.bfloat16)
+    out = fp32_logits(head, h)
+    ref = h.double() @ head.weight.double().t()  # exact products, float64 sums
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_packed_kernel_with_eager_attention():
