@@ -218,9 +218,10 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]
                 continue
             cands = split.candidates[group]
             scores = []
-            for start in tqdm(range(0, len(samples), 64), desc=f"eval {stage.name} on {name}/{group}", leave=False,
+            step = max(64, cfg.eval.batch_size)  # progress in steps of 64 users, or of one pass if passes are larger
+            for start in tqdm(range(0, len(samples), step), desc=f"eval {stage.name} on {name}/{group}", leave=False,
                               disable=not cfg.trainer.progress_bar):
-                scores.append(method.score_candidates(rec, samples[start : start + 64], cands[start : start + 64],
+                scores.append(method.score_candidates(rec, samples[start : start + step], cands[start : start + step],
                                                       cfg.eval.batch_size))
             ranks["candidates"][group] = ranks_from_scores(np.concatenate(scores))
             if rec.can_rank_all and cfg.eval.full_ranking:

@@ -97,3 +97,26 @@ def test_generation_mode_goes_through_the_method_and_reports_only_k_up_to_the_li
     assert per_user[("generation", "s0", "U_A")][1].tolist() == [0, -1]  # per-user ranks kept for paired tables
     # the candidate mode still reports every K
     assert any(r["eval_mode"] == "candidates" and r["metric"] == "HR@10" for r in rows)
+
+
+def test_scoring_passes_are_as_large_as_eval_batch_size():
+    """evaluate_stage hands the method up to eval.batch_size users at a time (steps of 64 when it is smaller),
+    so a GPU's packed pass of 256 users is not cut into passes of 64."""
+    sizes = []
+
+    class Recording(StubMethod):
+        def score_candidates(self, rec, samples, candidates, batch_size):
+            sizes.append((len(samples), batch_size))
+            return np.tile([1.0, 0.0, 0.0], (len(samples), 1))
+
+    samples = {"U_A": [Sample(u, (1,), 2, 1) for u in range(300)]}
+    protocol = SimpleNamespace(splits={"s0": EvalSplit("s0", samples, {"U_A": np.zeros((300, 3), dtype=np.int64)})},
+                               valid_splits={})
+    rec = SimpleNamespace(kind="llm", can_rank_all=False)
+    for batch, expected in ((256, [(256, 256), (44, 256)]), (8, [(64, 8)] * 4 + [(44, 8)])):
+        sizes.clear()
+        cfg = OmegaConf.create({"eval": {"modes": ["candidates"], "ks": [1], "all_splits": False, "batch_size": batch,
+                                         "n_boot": 5, "negatives": 2, "full_ranking": False, "validation": False},
+                                "seed": 0, "trainer": {"progress_bar": False}})
+        runner.evaluate_stage(cfg, protocol, rec, Recording(), SimpleNamespace(index=0, name="base", eval_split="s0"))
+        assert sizes == expected
