@@ -198,7 +198,7 @@ def _kl_on_inactive_users(cfg, protocol, stage, rec, method, before: dict) -> fl
         return None
     anchor = {n: v for n, v in before.items() if "lora_" in n}
     with torch.no_grad():
-        return kl_after_update(rec.module, anchor, samples, cfg.eval.batch_size)
+        return kl_after_update(rec.module, anchor, samples, cfg.eval.get("kl_batch_size", 16))
 
 
 def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]:

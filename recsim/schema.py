@@ -121,6 +121,7 @@ EVAL = {
     "eval.full_ranking": boolean(), "eval.all_splits": boolean(), "eval.batch_size": integer(1),
     "eval.n_boot": integer(1), "eval.r_metric": text(), "eval.table_metrics": strings(),
     "eval.validation": boolean(), "eval.kl_after_update": boolean(), "eval.kl_samples": integer(1),
+    "eval.kl_batch_size": integer(1),
 }
 
 OPTIM = {"lr": number(0, lo_open=True), "weight_decay": number(0), "scheduler": one_of("constant", "cosine"),

@@ -94,6 +94,24 @@ def _moved_ranker():
     return ranker, anchor
 
 
+def test_kl_figure_after_an_update_runs_in_passes_of_eval_kl_batch_size(monkeypatch):
+    """Not in passes of eval.batch_size: the gpu scale scores 256 users a pass, and the figure's fp32 [tokens, V]
+    logits of both models at that size took GBs (out of memory beside other runs on one GPU)."""
+    from recsim import runner
+    from recsim.methods import kl as kl_module
+    from recsim.methods.base import Finetune
+
+    asked = []
+    monkeypatch.setattr(kl_module, "kl_after_update", lambda module, anchor, samples, batch_size: asked.append(
+        (len(samples), batch_size)) or 0.0)
+    split = SimpleNamespace(samples={"U_I": [A, B, A]})
+    protocol = SimpleNamespace(splits={"s1": split})
+    cfg = compose(["eval.batch_size=256", "eval.kl_batch_size=2", "eval.kl_samples=2"])
+    rec = SimpleNamespace(kind="llm", module=None)
+    assert runner._kl_on_inactive_users(cfg, protocol, SimpleNamespace(eval_split="s1"), rec, Finetune(None), {}) == 0.0
+    assert asked == [(2, 2)]
+
+
 def test_kl_after_update_on_the_llm_is_zero_at_the_anchor_and_positive_after():
     ranker = tiny_ranker()  # LoRA dropout 0.05: 0 needs dropout off
     ranker.train()
