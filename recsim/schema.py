@@ -228,7 +228,9 @@ RECIPE_BY_NAME = {"candidate_ranking": {f"recipe.{k}": c for k, c in {
 # keys added later: optional, so configs written before them still validate (the code reads them with a default)
 RECIPE_OPTIONAL_BY_NAME = {"candidate_ranking": {
     "recipe.scoring.kernel": one_of("packed", "kv_repeat"),  # = recsim.models.llm_ranker.SCORING_KERNELS
-    "recipe.scoring.autocast": Check(lambda v: v in (True, False, "auto"), "auto, true or false")}}
+    "recipe.scoring.autocast": Check(lambda v: v in (True, False, "auto"), "auto, true or false"),
+    "recipe.scoring.pad_to_multiple_of": Check(lambda v: v == "auto" or v is None or (type(v) is int and v >= 1),
+                                               "auto, null or an integer >= 1")}}
 
 
 def _registry(kind: str) -> dict:

@@ -156,6 +156,22 @@ def test_lora_inputs_stay_bf16_under_autocast_and_nothing_moves(monkeypatch):
     assert set(seen) == {torch.float32}  # no autocast: the bf16 input is cast for the fp32 adapter, as it must be
 
 
+def test_packed_width_padded_to_a_multiple_keeps_the_scores():
+    """scoring.pad_to_multiple_of: the packed rows are padded to a multiple of N columns (fewer distinct shapes
+    on a GPU); padding is segment -1, so the scores do not move. auto = no padding on CPU."""
+    ranker = tiny_ranker(kernel="packed")
+    widths = []
+    ranker.base.get_decoder().register_forward_pre_hook(lambda m, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                                        with_kwargs=True)
+    plain = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)
+    assert any(w % 64 for w in widths)  # auto on CPU: the rows' own width
+    widths.clear()
+    ranker.scoring_cfg.pad_to_multiple_of = 64
+    padded = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)
+    assert widths and all(w % 64 == 0 for w in widths)
+    np.testing.assert_allclose(padded, plain, rtol=0, atol=1e-6)
+
+
 def test_fp32_logits_on_cpu_is_the_fp32_gemm():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 40, bias=True).to(torch.bfloat16)
