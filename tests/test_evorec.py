@@ -294,6 +294,27 @@ def test_prepared_l_c_equals_the_per_step_passes(positions, cache, prepare_all):
                                                                                positions), rtol=0, atol=2e-6)
 
 
+def test_pool_stores_final_states_not_log_probs():
+    """The store holds the frozen model's final states [positions, H] (it held [positions, V] fp32 log-probs:
+    12.6 GB at the gpu scale); a head that the anchor (a LoRA) could move makes it keep no store."""
+    ranker, anchor, pool = _pool_setup()
+    prepared = KLPool(ranker, anchor, pool, "all", cache_frozen=True, prepare_all=True)
+    hidden = ranker.base.get_output_embeddings().weight.shape[1]
+    positions = int(prepared.counts.sum())
+    assert prepared.frozen_h.shape == (positions, hidden) and prepared.store_bytes == positions * hidden * 4
+    # a stored row's states are the frozen pass's final states at its positions
+    rows = np.array([3])
+    index, start, mask, where = prepared._cut(rows)
+    ranker.eval()  # the pool's passes run with dropout off
+    with torch.no_grad():
+        ids = prepared.tensors["input_ids"][index, start:]
+        expected = ranker.with_params(anchor, lambda: ranker._decode(ids, mask).last_hidden_state[where])
+    torch.testing.assert_close(prepared.frozen_h[prepared._stored_rows(rows)], expected, rtol=0, atol=1e-5)
+    head_weight = next(n for n, p in ranker.model.named_parameters() if p is ranker.base.get_output_embeddings().weight)
+    moving = {**anchor, head_weight: ranker.base.get_output_embeddings().weight.detach().clone()}
+    assert not KLPool(ranker, moving, pool, "all", cache_frozen=True).stored
+
+
 def test_prepared_l_c_without_located_layers_runs_every_block():
     ranker, anchor, pool = _pool_setup(n=6)
     lora_ops.set_trainable(ranker.model)  # t = 1: every block trains, nothing to share

@@ -33,12 +33,14 @@ What is prepared:
 - the hidden state entering block l_min (recsim.models.layer_split), for both models: below l_min they
   are the same model, so blocks < l_min run once per sample instead of twice per draw. Memory: pool x
   width x hidden in the model's dtype (512 x ~150 x 576 x 2 B ≈ 90 MB for SmolLM2-135M in bf16);
-- with the store on, the frozen model's next-token log-probs at exactly the positions L_c uses, in fp32,
-  the dtype the per-step pass computes them in (logits `.float()`, then log_softmax), so nothing is
-  rounded. Memory positions x V x 4 B, allocated at the first step: e.g. 512 x ~80 x 49,152 x 4 B ≈ 8 GB.
-  (bf16 would halve it but round every log-prob to about 3 significant digits: not done.)
+- with the store on, the frozen model's final (normed) hidden states at exactly the positions L_c uses, in
+  the dtype the pass made them in; a step turns them into log-probs with the head (frozen: it carries no
+  LoRA) as the per-step pass does (logits `.float()`, then log_softmax), so nothing is rounded. Memory
+  positions x H x 2 B in bf16: 65,752 positions x 576 x 2 B ≈ 76 MB for SmolLM2-135M at the gpu scale.
+  (recsim stored the log-probs themselves before, positions x V x 4 B: 12.6 GB there, which ran the GPU out
+  of memory beside other runs; a head GEMM per step costs far less than that memory.)
 A step whose samples are all prepared then runs only the current model's blocks >= l_min (forward and
-backward) and looks the frozen log-probs up. Values and gradients are those of the per-step passes up to
+backward), the head on the stored frozen states, and no frozen pass. Values and gradients are those of the per-step passes up to
 float round-off (the pool is prepared in other batch shapes than the steps'). With EvoRec's GPU setting
 (144 steps x 8 draws from 512 samples, l_min = 20 of 30 blocks) a step's L_c then costs 10 blocks forward
 and backward instead of 60 forward and 10 backward.
@@ -46,9 +48,9 @@ and backward instead of 60 forward and 10 backward.
   the frozen one (no grad) through every block. FT-KL (`samples=None`: its KL batch is the training
   batch itself, which arrives collated, without a fixed pool to prepare) always runs this way.
 - `true`: everything above, on any device.
-- `auto` (EvoRec's default): the frozen log-probs are stored when the model is on a CUDA device and they
-  take at most half of its free memory (driver free + PyTorch's reserved but unused); otherwise (CPU:
-  tiny_llama's 200-sample pool would take 3 GB; or too big) the rest is still done and each step runs the
+- `auto` (EvoRec's default): the frozen states are stored when the model is on a CUDA device and they
+  take at most half of its free memory (driver free + PyTorch's reserved but unused); otherwise (CPU, where
+  the cpu-scale tables were made this way; or too big) the rest is still done and each step runs the
   frozen model from the shared state, so only blocks >= l_min run twice.
 The shared lower blocks need the trainable set fixed during the update (EvoRec sets it before) and a
 decoder whose forward takes the state as `inputs_embeds` unchanged: the first batch is checked against the
@@ -72,7 +74,7 @@ log = logging.getLogger(__name__)
 
 POSITIONS = ("answer", "all")
 REDUCTIONS = ("token_mean", "sum")
-STORE_SHARE = 0.5  # auto: the frozen log-probs may take at most this share of the device's free memory
+STORE_SHARE = 0.5  # auto: the frozen states may take at most this share of the device's free memory
 
 
 def _check_cache(value):
@@ -104,6 +106,11 @@ def kl_rows(module, batch: dict, anchor: dict[str, torch.Tensor], positions: str
     finally:
         module.train(was_training)
     return _kl(current, F.log_softmax(frozen, -1))
+
+
+def _head_logits(module, states: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [M, V] of final states [M, H], as `_position_logits` makes them."""
+    return module.base.get_output_embeddings()(states).float()
 
 
 def _kl(current_logits: torch.Tensor, frozen_logp: torch.Tensor) -> torch.Tensor:
@@ -156,8 +163,8 @@ def _unchanged_below(model, anchor: dict[str, torch.Tensor], layer: int) -> bool
 
 class KLPool:
     """A fixed sample stream of L_c, each sample prepared once (see the module doc): the pool collated on
-    the model's device, the state entering the lowest trainable block, optionally the frozen log-probs at
-    the term's positions. `prepare_all` (default: on a CUDA device) prepares the whole pool at construction
+    the model's device, the state entering the lowest trainable block, optionally the frozen model's final
+    states at the term's positions. `prepare_all` (default: on a CUDA device) prepares the whole pool at construction
     in large chunks; otherwise each sample is prepared at its first draw, in that step's batch."""
 
     def __init__(self, module, anchor: dict[str, torch.Tensor], samples: list[Sample], positions: str,
@@ -176,17 +183,20 @@ class KLPool:
         chosen = (mask[:, :-1].bool() & mask[:, 1:].bool()) if positions == "all" else pool["labels"][:, 1:] != -100
         self.dist = [(width - 1) - torch.nonzero(row).flatten().numpy() for row in chosen]
         self.counts = np.array([len(d) for d in self.dist])
-        self.first = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)  # row i's first logp row
-        vocab = module.base.get_output_embeddings().weight.shape[0]
-        self.store_bytes = int(self.counts.sum()) * vocab * 4
-        self.stored = cache_frozen is True or (cache_frozen == "auto" and dev.type == "cuda"
-                                               and self.store_bytes <= STORE_SHARE * _free_bytes(dev))
+        self.first = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)  # row i's first stored row
+        head = module.base.get_output_embeddings().weight
+        self.store_bytes = int(self.counts.sum()) * head.shape[1] * head.element_size()
+        head_ids = {id(p) for p in module.base.get_output_embeddings().parameters()}
+        # the stored states go through the current head: right only if the update cannot change it
+        head_moves = any(id(p) in head_ids for n, p in module.model.named_parameters() if n in anchor)
+        self.stored = not head_moves and (cache_frozen is True or (
+            cache_frozen == "auto" and dev.type == "cuda" and self.store_bytes <= STORE_SHARE * _free_bytes(dev)))
         lowest = lowest_trainable_layer(module.model)
         self.split = lowest if lowest and _unchanged_below(module.model, anchor, lowest) else 0
         self.checked = False  # the split is checked against the full pass on the first batch
         self.ready = np.zeros(len(samples), dtype=bool)  # rows whose state / frozen log-probs are stored
         self.state = None  # [N, width, H], allocated at the first batch (its dtype is the state's)
-        self.logp = torch.empty((int(self.counts.sum()), vocab), dtype=torch.float32, device=dev) if self.stored else None
+        self.frozen_h = None  # [positions, H] stored final states, allocated at the first batch (the states' dtype)
         # on a GPU a small model's pass costs about the same for 8 samples as for 64 (kernel launches, not
         # FLOPs), so the whole pool costs a few passes; on a CPU cost follows tokens, and an update that
         # draws fewer samples than the pool would pay for samples it never uses
@@ -201,8 +211,8 @@ class KLPool:
             self.prepare_seconds = time.perf_counter() - began
         log.info("L_c pool: %d samples, %d positions; blocks < %d run once per sample; frozen log-probs %s",
                  len(samples), int(self.counts.sum()), self.split,
-                 f"stored ({self.store_bytes / 2**30:.2f} GiB fp32)" if self.stored
-                 else f"recomputed per step (storing them would take {self.store_bytes / 2**30:.2f} GiB)")
+                 f"from stored final states ({self.store_bytes / 2**20:.1f} MiB)" if self.stored
+                 else f"recomputed per step (storing the states would take {self.store_bytes / 2**20:.1f} MiB)")
 
     def _device(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(values).to(self.tensors["input_ids"].device, non_blocking=True)
@@ -222,13 +232,17 @@ class KLPool:
         index, start, _, _ = self._cut(np.asarray(rows))
         return {k: v[index, start:] for k, v in self.tensors.items()}
 
-    def _logits(self, module, inputs, mask, where) -> torch.Tensor:
-        """Logits [M, V] at the chosen positions, from the state entering block `split` (or from the ids)."""
+    def _final_states(self, module, inputs, mask, where) -> torch.Tensor:
+        """Final hidden states [M, H] at the chosen positions, from the state entering block `split` (or the ids)."""
         if self.split:
             hidden = decode_from(module, self.split, inputs, mask)
         else:
             hidden = module._decode(inputs, mask).last_hidden_state
-        return module.base.get_output_embeddings()(hidden[where]).float()
+        return hidden[where]
+
+    def _logits(self, module, inputs, mask, where) -> torch.Tensor:
+        """Logits [M, V] at the chosen positions."""
+        return _head_logits(module, self._final_states(module, inputs, mask, where))
 
     def _prepared_inputs(self, index, start):
         return self.state[index, start:] if self.split else self.tensors["input_ids"][index, start:]
@@ -262,10 +276,13 @@ class KLPool:
                                          device=state.device)
             self.state[index[new], start:] = state[new]
             inputs = state
-        frozen = F.log_softmax(module.with_params(anchor, self._logits, module, inputs, mask, where), -1)
+        states = module.with_params(anchor, self._final_states, module, inputs, mask, where)
+        frozen = F.log_softmax(_head_logits(module, states), -1)
         if self.stored:  # the new rows' positions among the batch's (rows in order, each its own positions)
+            if self.frozen_h is None:
+                self.frozen_h = states.new_empty((int(self.counts.sum()), states.shape[-1]))
             fresh = ~self.ready[rows]
-            self.logp[self._logp_rows(rows[fresh])] = frozen[self._device(np.flatnonzero(np.repeat(fresh, self.counts[rows])))]
+            self.frozen_h[self._stored_rows(rows[fresh])] = states[self._device(np.flatnonzero(np.repeat(fresh, self.counts[rows])))]
         self.ready[rows] = True
         return inputs, frozen
 
@@ -299,7 +316,9 @@ class KLPool:
             if not self.ready[rows].all():
                 inputs, frozen = self._frozen_pass(module, anchor, rows, cut)
             elif self.stored:
-                inputs, frozen = self._prepared_inputs(index, start), self.logp[self._logp_rows(rows)]
+                inputs = self._prepared_inputs(index, start)
+                with torch.no_grad():
+                    frozen = F.log_softmax(_head_logits(module, self.frozen_h[self._stored_rows(rows)]), -1)
             else:
                 inputs = self._prepared_inputs(index, start)
                 with torch.no_grad():
@@ -309,8 +328,8 @@ class KLPool:
             module.train(was_training)
         return _kl(current, frozen)
 
-    def _logp_rows(self, rows: np.ndarray) -> torch.Tensor:
-        """Rows of `logp` holding these pool rows' positions, in the order of `_cut`'s positions."""
+    def _stored_rows(self, rows: np.ndarray) -> torch.Tensor:
+        """Rows of `frozen_h` holding these pool rows' positions, in the order of `_cut`'s positions."""
         return self._device(np.concatenate([np.arange(self.first[r], self.first[r] + self.counts[r]) for r in rows]))
 
     def summary(self) -> dict:
