@@ -292,12 +292,19 @@ def _shared_base_dir(cfg, method) -> Path | None:
 
     Stage 0 trains the initial model; it depends on the data, backbone, recipe, protocol, stage-0
     schedule, evaluation settings and seed, never on the update method. Sweeping methods then trains
-    and scores it once. The key hashes what determines it: those settings with every path key removed
-    (moving the data or the cache changes nothing), the content of the data's source files, and the
-    recsim sources themselves (any code or config edit trains a new stage 0, never reuses a stale one).
+    and scores it once. The key hashes what determines it (`base_stage_key`): those settings with every
+    path key removed (moving the data or the cache changes nothing), the content of the data's source
+    files, and the recsim sources themselves (any code or config edit trains a new stage 0, never reuses a
+    stale one, unless `reuse_base_stage_across_versions` says otherwise).
     """
     if not (cfg.reuse_base_stage and method.shares_base_stage):
         return None
+    text = json.dumps(base_stage_key(cfg), sort_keys=True, default=str)
+    return Path(cfg.paths.cache_dir) / "base_stage" / hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def base_stage_key(cfg) -> dict:
+    """The settings stage 0 depends on (see `_shared_base_dir`), as the key's JSON holds them."""
     from recsim.data.cache import drop_path_keys, fingerprint, package_hash
     from recsim.data.load import READERS, default_data_dir
 
@@ -313,8 +320,48 @@ def _shared_base_dir(cfg, method) -> Path | None:
     reader = READERS.get(dataset.get("reader"))
     keyed["data_sources"] = fingerprint(reader.sources(dataset), cfg.paths.cache_dir) if reader else None
     keyed["recsim_sources"] = package_hash()
-    text = json.dumps(keyed, sort_keys=True, default=str)
-    return Path(cfg.paths.cache_dir) / "base_stage" / hashlib.sha1(text.encode()).hexdigest()[:16]
+    return json.loads(json.dumps(keyed, sort_keys=True, default=str))  # as key.json stores it
+
+
+# settings that change neither stage 0's weights nor its scores beyond float round-off (how many users or
+# prompts a pass holds, and its padding): across recsim versions a stage 0 is matched without them
+ROUNDOFF_ONLY = (("eval", "batch_size"), ("eval", "kl_batch_size"), ("recipe", "scoring", "pad_to_multiple_of"))
+
+
+def _comparable(key: dict) -> dict:
+    """A base-stage key without the recsim sources and the round-off-only settings."""
+    key = json.loads(json.dumps(key))
+    key.pop("recsim_sources", None)
+    for path in ROUNDOFF_ONLY:
+        node = key
+        for part in path[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return key
+
+
+def _reuse_other_version(shared: Path, key: dict) -> bool:
+    """`reuse_base_stage_across_versions`: fill `shared` from a finished stage 0 of the same settings written by
+    another recsim version (its key.json equal to `key` but for the sources and ROUNDOFF_ONLY), recorded in
+    reused_from.json. False when there is none."""
+    wanted = _comparable(key)
+    for found in sorted(shared.parent.glob("*/key.json")):
+        other = found.parent
+        if other == shared or not (other / "DONE").exists():
+            continue
+        theirs = json.loads(found.read_text())
+        if _comparable(theirs) != wanted:
+            continue
+        log.warning("stage 0: reusing %s, trained by recsim sources %s (these are %s): same settings "
+                    "(reuse_base_stage_across_versions=true)", other, theirs.get("recsim_sources"), key["recsim_sources"])
+        staging = shared.with_name(shared.name + f".tmp{os.getpid()}")
+        shutil.copytree(other, staging)
+        write_json(staging / "reused_from.json", {"folder": other.name, "recsim_sources": theirs.get("recsim_sources")})
+        write_json(staging / "key.json", key)
+        publish_dir(staging, shared)
+        return True
+    return False
 
 
 def run(cfg: DictConfig) -> Path:
@@ -350,6 +397,9 @@ def run(cfg: DictConfig) -> Path:
     for stage in protocol.stages:
         stage_dir = out / "stages" / f"{stage.index:02d}_{stage.name}"
         shared = _shared_base_dir(cfg, method) if stage.index == 0 else None
+        if (shared and cfg.get("reuse_base_stage_across_versions", False) and not (stage_dir / "DONE").exists()
+                and not (shared / "DONE").exists()):
+            _reuse_other_version(shared, base_stage_key(cfg))
         if not (stage_dir / "DONE").exists() and shared and (shared / "DONE").exists():
             log.info("stage 0 is shared by every method of this config: reusing %s", shared)
             tmp = stage_dir.with_name(stage_dir.name + f".tmp{os.getpid()}")
@@ -395,6 +445,7 @@ def run(cfg: DictConfig) -> Path:
             shared.parent.mkdir(parents=True, exist_ok=True)
             staging = shared.with_name(shared.name + f".tmp{os.getpid()}")
             shutil.copytree(tmp, staging)
+            write_json(staging / "key.json", base_stage_key(cfg))  # what it was trained on, for later versions
             publish_dir(staging, shared)
         publish_dir(tmp, stage_dir)
         all_rows.append(frame)

@@ -114,7 +114,8 @@ def subset(*options) -> Check:
 
 # ------------------------------------------------------------------------------------------ tables
 
-ROOT = {"seed": integer(0), "reuse_base_stage": boolean(), "paths.data_dir": text(), "paths.cache_dir": text()}
+ROOT = {"seed": integer(0), "reuse_base_stage": boolean(), "reuse_base_stage_across_versions": boolean(),
+        "paths.data_dir": text(), "paths.cache_dir": text()}
 
 EVAL = {
     "eval.modes": subset("candidates", "generation"), "eval.ks": integers(1), "eval.negatives": integer(1),

@@ -327,3 +327,37 @@ def test_dataset_option_composes_with_the_root_config(option, monkeypatch):
         GlobalHydra.instance().clear()
     assert cfg.dataset.name == option
     assert (cfg.dataset.data_dir, cfg.dataset.sample_seed) == ("/staged", 9)
+
+
+def _stage0_folder(root: Path, name: str, key: dict, done=True) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "key.json").write_text(json.dumps(key))
+    (folder / "adapter.bin").write_bytes(b"weights")
+    if done:
+        (folder / "DONE").write_text("")
+    return folder
+
+
+def test_stage0_from_another_version_is_reused_only_with_the_same_settings(tmp_path):
+    """reuse_base_stage_across_versions: a finished stage 0 whose key differs only in the recsim sources and in
+    round-off-only settings (eval.batch_size, ...) fills this version's cache folder, recorded; any other
+    difference (a seed), an unfinished folder or no match leaves it empty."""
+    from recsim.runner import _reuse_other_version
+
+    root = tmp_path / "base_stage"
+    ours = {"seed": 1, "eval": {"batch_size": 256, "kl_batch_size": 16, "ks": [1, 3]},
+            "recipe": {"scoring": {"pad_to_multiple_of": "auto", "kernel": "packed"}}, "recsim_sources": "new"}
+    older = {"seed": 1, "eval": {"batch_size": 4, "ks": [1, 3]}, "recipe": {"scoring": {"kernel": "packed"}},
+             "recsim_sources": "old"}
+    _stage0_folder(root, "unfinished", older, done=False)
+    _stage0_folder(root, "otherseed", {**older, "seed": 2})
+    assert not _reuse_other_version(root / "mine", ours) and not (root / "mine").exists()
+    _stage0_folder(root, "old", older)
+    assert _reuse_other_version(root / "mine", ours)
+    mine = root / "mine"
+    assert (mine / "DONE").exists() and (mine / "adapter.bin").read_bytes() == b"weights"
+    assert json.loads((mine / "reused_from.json").read_text()) == {"folder": "old", "recsim_sources": "old"}
+    assert json.loads((mine / "key.json").read_text()) == ours
+    other_k = {**ours, "eval": {**ours["eval"], "ks": [1, 5]}}  # a setting that changes the scores
+    assert not _reuse_other_version(root / "mine2", other_k)

@@ -117,6 +117,29 @@ def test_base_stage_trained_once_and_shared(tmp_path):
     assert (quality(tmp_path / "ft").method == "finetune").all()
 
 
+def test_base_stage_of_another_recsim_version_reused_only_when_asked(tmp_path):
+    """A cached stage 0 whose key.json differs only in the recsim sources (another code version) is reused with
+    reuse_base_stage_across_versions=true, and says so; without it, stage 0 is trained again."""
+    cache_dir = tmp_path / "cache"
+    cache = f"paths.cache_dir={cache_dir}"
+    run(TINY + ["method=base", cache], tmp_path / "base")
+    (folder,) = [p for p in (cache_dir / "base_stage").iterdir() if p.is_dir()]
+    key = json.loads((folder / "key.json").read_text())
+    assert key["seed"] == 1 and key["recsim_sources"]
+    key["recsim_sources"] = "an older version"
+    (folder / "key.json").write_text(json.dumps(key))
+    folder.rename(folder.with_name("0ld0ld0ld0ld0ld0"))  # its exact key is no longer this version's
+    again = run(TINY + ["method=finetune", cache], tmp_path / "again")
+    assert "reusing" not in again.stderr + again.stdout
+    shutil.rmtree(next(p for p in (cache_dir / "base_stage").iterdir() if p.name != "0ld0ld0ld0ld0ld0"))
+    reused = run(TINY + ["method=finetune", "reuse_base_stage_across_versions=true", cache], tmp_path / "reused")
+    assert "trained by recsim sources an older version" in reused.stderr + reused.stdout
+    record = json.loads((tmp_path / "reused" / "stages" / "00_base" / "reused_from.json").read_text())
+    assert record == {"folder": "0ld0ld0ld0ld0ld0", "recsim_sources": "an older version"}
+    stage0 = lambda out: quality(out).query("stage == 0").drop(columns=["method"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(stage0(tmp_path / "reused"), stage0(tmp_path / "base"))
+
+
 def test_wandb_logger_offline_without_a_key(tmp_path, monkeypatch):
     """logger=wandb with no API key runs offline, never blocks, and keeps its files in the run dir."""
     out = tmp_path / "wb"
