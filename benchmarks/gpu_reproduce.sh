@@ -4,7 +4,7 @@
 # render (TABLES.md beside the paper's numbers). The run folders are recsim.reproduce's, so
 # `python -m recsim.reproduce --render-only` reads them and a rerun skips what is DONE.
 #   OUT=<out root> SCALE=cpu_gpu TABLES=evorec_main_beauty P=21 [GPUS=8] [ORDER="finetune evorec"] [PACK=<file.tgz>] \
-#     bash benchmarks/gpu_reproduce.sh
+#     [EXTRA="reuse_base_stage_across_versions=true"] bash benchmarks/gpu_reproduce.sh
 # GPUS: devices to spread the runs over (default: every GPU nvidia-smi lists); a run in job slot s sees only
 # GPU s mod GPUS (CUDA_VISIBLE_DEVICES), so P = GPUS puts one run on each. PACK: at the end, the run folders
 # without weights (no *.safetensors, no adapter/) and candidates (candidates.npz: drawn again from the seed), the
@@ -17,7 +17,8 @@ GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}; GPUS=${GPUS
 export GPUS OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 rep=(python3 -m recsim.reproduce --scale "$SCALE" --tables "$TABLES" --out "$OUT")
 mkdir -p "$OUT"
-"${rep[@]}" --dry-run | grep -v '^#' > "$OUT/commands.txt" || true
+# EXTRA: overrides added to every run (before hydra.run.dir, which stays last), e.g. reuse_base_stage_across_versions=true
+"${rep[@]}" --dry-run | grep -v '^#' | sed "s| hydra.run.dir=| ${EXTRA:+$EXTRA }hydra.run.dir=|" > "$OUT/commands.txt" || true
 run_all() {  # run the command lines on stdin, $1 at a time, each into <run dir>.log, slot s on GPU s mod GPUS
   xargs -d '\n' -P "$1" --process-slot-var=SLOT -I{} bash -c 'export CUDA_VISIBLE_DEVICES=$(( SLOT % GPUS ));
     cmd="$1"; dir=${cmd##*hydra.run.dir=}; mkdir -p "$(dirname "$dir")";

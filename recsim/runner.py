@@ -272,7 +272,8 @@ def _generation_ranks(cfg, rec, method, split) -> tuple[dict, Counter]:
 
 
 def _swept_columns() -> dict:
-    """Every command-line override (but seed, which has its own column) becomes a `cfg.<key>` column."""
+    """Every command-line override becomes a `cfg.<key>` column, but seed (its own column) and those that change
+    nothing a run learns or scores: paths, loggers, and where stage 0 comes from (reuse_base_stage*)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -282,7 +283,7 @@ def _swept_columns() -> dict:
     cols = {}
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
-        if key not in ("seed",) and not key.startswith(("hydra.", "paths.", "logger")):
+        if key not in ("seed",) and not key.startswith(("hydra.", "paths.", "logger", "reuse_base_stage")):
             cols[f"cfg.{key}"] = value
     return cols
 

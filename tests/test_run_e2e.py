@@ -136,6 +136,8 @@ def test_base_stage_of_another_recsim_version_reused_only_when_asked(tmp_path):
     assert "trained by recsim sources an older version" in reused.stderr + reused.stdout
     record = json.loads((tmp_path / "reused" / "stages" / "00_base" / "reused_from.json").read_text())
     assert record == {"folder": "0ld0ld0ld0ld0ld0", "recsim_sources": "an older version"}
+    columns = pd.read_csv(tmp_path / "reused" / "results.csv").columns
+    assert not [c for c in columns if "reuse_base_stage" in c]  # changes nothing learned: no cfg column
     stage0 = lambda out: quality(out).query("stage == 0").drop(columns=["method"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(stage0(tmp_path / "reused"), stage0(tmp_path / "base"))
 
