@@ -148,11 +148,28 @@ def test_train_benchmark_profiles_steps_after_the_timed_ones(tmp_path):
 def test_score_benchmark_end_to_end(tmp_path):
     out = tmp_path / "score.json"
     bench(["score", "backbone=tiny_llama", *TINY, "eval.batch_size=3", "bench.users=6", "bench.warmup=1",
-           f"bench.out={out}"])
+           "bench.agreement=true", f"bench.out={out}"])
     f = record(out)["figures"]
     assert (f["users"], f["candidates_per_user"]) == (6, 30)  # 1 + eval.negatives (29)
     assert f["seconds"] > 0 and f["peak_mem_mb"] > 0
     assert f["users_per_s"] * f["seconds"] == pytest.approx(6)
+    # on CPU the configured pass is fp32 already: the same scores as the fp32 pass
+    agreement = f["agreement"]
+    assert agreement["top_k_order_kept"] == 1.0 and agreement["max_abs_diff"] < 1e-6
+    assert agreement["fp32_users_per_s"] * agreement["fp32_seconds"] == pytest.approx(6)
+
+
+def test_top_k_agreement_by_hand():
+    from recsim.bench.score import top_k_agreement
+
+    reference = np.array([[0.9, 0.5, 0.1, 0.0], [0.9, 0.5, 0.1, 0.0], [0.9, 0.5, 0.1, 0.0]])
+    scores = np.array([[0.8, 0.6, 0.2, 0.0],    # same top-2 in the same order
+                       [0.5, 0.9, 0.1, 0.0],    # same set, order swapped
+                       [0.9, 0.05, 0.1, 0.0]])  # candidate 2 enters the top-2
+    f = top_k_agreement(scores, reference, k=2)
+    assert f["top_k_order_kept"] == pytest.approx(1 / 3) and f["top_k_set_kept"] == pytest.approx(2 / 3)
+    assert f["max_abs_diff"] == pytest.approx(0.45) and f["k"] == 2
+    assert f["mean_abs_diff"] == pytest.approx((0.1 + 0.1 + 0.1 + 0.4 + 0.4 + 0.45) / 12)
 
 
 def test_fullrank_benchmark_end_to_end(tmp_path):

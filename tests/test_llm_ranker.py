@@ -172,6 +172,28 @@ def test_packed_width_padded_to_a_multiple_keeps_the_scores():
     np.testing.assert_allclose(padded, plain, rtol=0, atol=1e-6)
 
 
+def test_fp32_scoring_of_a_bf16_base_equals_one_fp32_pass_per_candidate_and_restores_it():
+    """scoring.fp32: a bf16 base is scored in fp32 (its weights upcast for the pass: exact) with autocast off, so
+    the scores equal the one-pass-per-candidate reference of the same (bf16-valued) weights in fp32; the base
+    is bf16 again afterwards, bit for bit. Without it the bf16 pass is off by far more than 1e-5."""
+    ranker = tiny_ranker(kernel="packed")
+    for name, p in ranker.model.named_parameters():  # bf16-valued weights, kept in fp32 for the reference
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16).float()
+    ref = naive_scores(ranker, SAMPLES, CANDS, "mean")
+    for name, p in ranker.model.named_parameters():  # now a bf16 base, as on a GPU
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in ranker.model.named_parameters()}
+    ranker.scoring_cfg.autocast = True  # fp32 overrides it
+    assert np.abs(ranker.score_candidates(SAMPLES, CANDS, batch_size=3) - ref).max() > 1e-4
+    ranker.scoring_cfg.fp32 = True
+    exact = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)
+    np.testing.assert_allclose(exact, ref, rtol=0, atol=1e-5)
+    after = dict(ranker.model.named_parameters())
+    assert all(after[n].dtype == v.dtype and torch.equal(after[n], v) for n, v in before.items())
+
+
 def test_fp32_logits_on_cpu_is_the_fp32_gemm():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 40, bias=True).to(torch.bfloat16)

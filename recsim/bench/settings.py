@@ -25,11 +25,13 @@ DEFAULTS = {
     "history_len": 20,       # fullrank with synthetic_scores: random masked history items per user
     "profile": None,         # train / score: a folder; profile after the timed part (recsim.bench.profile)
     "profile_steps": 3,      # with profile: optimiser steps (train) or one-batch calls (score) profiled
+    "agreement": False,      # score (LLMs): also score the same users in fp32 (recipe.scoring.fp32), timed, and report
+                             # how far the configured scores are from those: top-10 kept, largest difference
 }
 CHECKS: dict[str, Check] = {
     "steps": integer(1), "warmup": integer(0), "users": integer(1), "peak_tflops": number(0, lo_open=True),
     "out": text(null=True), "synthetic_scores": boolean(), "items": integer(1, null=True),
-    "history_len": integer(0), "profile": text(null=True), "profile_steps": integer(1),
+    "history_len": integer(0), "profile": text(null=True), "profile_steps": integer(1), "agreement": boolean(),
 }
 assert set(DEFAULTS) == set(CHECKS)
 
