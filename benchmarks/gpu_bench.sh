@@ -3,7 +3,7 @@
 #   OUT=<dir> LIMIT=<path to lora_limit.py> bash benchmarks/gpu_bench.sh [part ...]
 #   parts: limit train train1b score fullrank profile compiled score2 tables (default: the first five); `tables`:
 #   the gpu scale's own training setting (batch 16, eager) and its scoring pass (packed, 256 users), profiled,
-#   with the fp32 pass's speed and how far bf16 moves the scores from it (bench.agreement). Each variant writes <OUT>/<name>.json + .log.
+#   with the fp32 pass's speed and how far bf16 moves the scores from it (bench.agreement), and compiled. Each variant writes <OUT>/<name>.json + .log.
 # Needs the staged SmolLM2 and Beauty (../shared/device/README.md): PYTHONPATH, RECSIM_CACHE, RECSIM_DATA.
 set -uo pipefail
 OUT=${OUT:?output dir}; mkdir -p "$OUT"
@@ -51,6 +51,8 @@ for part in $PARTS; do case $part in
              trainer.compile=true trainer.compile_mode=reduce-overhead trainer.pad_to_multiple_of=32 bench.warmup=12 bench.steps=20 ;;
   tables)  bench score_packed_b256 score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed eval.batch_size=256 \
              bench.users=2048 bench.agreement=true bench.profile_steps=2 bench.profile=$OUT/prof_score_packed_b256
+           bench score_packed_b256_compiled score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed \
+             eval.batch_size=256 recipe.scoring.compile=true bench.users=2048 bench.warmup=4
            bench train_b16_gpu_scale train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}" ;;
   fullrank) bench fullrank_synthetic fullrank backbone=sasrec bench.synthetic_scores=true bench.users=20000 bench.items=12000 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

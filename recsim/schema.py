@@ -230,7 +230,7 @@ RECIPE_BY_NAME = {"candidate_ranking": {f"recipe.{k}": c for k, c in {
 RECIPE_OPTIONAL_BY_NAME = {"candidate_ranking": {
     "recipe.scoring.kernel": one_of("packed", "kv_repeat"),  # = recsim.models.llm_ranker.SCORING_KERNELS
     "recipe.scoring.autocast": Check(lambda v: v in (True, False, "auto"), "auto, true or false"),
-    "recipe.scoring.fp32": boolean(),
+    "recipe.scoring.fp32": boolean(), "recipe.scoring.compile": boolean(),
     "recipe.scoring.pad_to_multiple_of": Check(lambda v: v == "auto" or v is None or (type(v) is int and v >= 1),
                                                "auto, null or an integer >= 1")}}
 

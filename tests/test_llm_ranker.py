@@ -194,6 +194,24 @@ def test_fp32_scoring_of_a_bf16_base_equals_one_fp32_pass_per_candidate_and_rest
     assert all(after[n].dtype == v.dtype and torch.equal(after[n], v) for n, v in before.items())
 
 
+@pytest.mark.slow  # inductor compiles the decoder on CPU: ~90 s
+def test_compiled_scoring_pass_keeps_the_scores_and_leaves_training_eager():
+    """scoring.compile: the packed pass runs a torch.compile'd view of the decoder (batches of several widths:
+    dynamic shapes), with the eager pass's scores; the module's own decoder is not compiled in place."""
+    ranker = tiny_ranker(kernel="packed")
+    eager = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)
+    torch._dynamo.reset()
+    ranker.scoring_cfg.compile = True
+    compiled = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)  # two passes of different widths
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
+    (view,) = ranker._compiled.values()
+    assert view is not ranker.base.get_decoder() and view._orig_mod is ranker.base.get_decoder()
+    assert getattr(ranker.base.get_decoder(), "_compiled_call_impl", None) is None  # training's decoder: eager
+    assert not any("_orig_mod" in k for k in ranker.state_dict())
+    again = ranker.score_candidates(SAMPLES[:2], CANDS[:2], batch_size=2)  # the cached view, another shape
+    np.testing.assert_allclose(again, eager[:2], rtol=0, atol=1e-5)
+
+
 def test_fp32_logits_on_cpu_is_the_fp32_gemm():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 40, bias=True).to(torch.bfloat16)

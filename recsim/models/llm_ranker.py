@@ -77,6 +77,7 @@ class LLMRanker(L.LightningModule):
         self.loss_terms: list[LossTerm] = []  # extra loss terms a method adds (KL, EWC, ...)
         self._answer_ids: dict[int, list[int]] = {}
         self._prompt_ids: dict[tuple, list[int]] = {}
+        self._compiled: dict[int, torch.nn.Module] = {}  # scoring.compile's compiled decoder (see _scoring_decoder)
 
     # ---- text -> tokens -------------------------------------------------------------------------
     @property
@@ -160,7 +161,7 @@ class LLMRanker(L.LightningModule):
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
         return self.run_decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kw)
 
-    def run_decoder(self, **kw):
+    def run_decoder(self, decoder=None, **kw):
         """The decoder's forward pass, every caller's. Under autocast, peft's cast of each LoRA layer's input to
         the adapter's fp32 is switched off: autocast casts it straight back to bf16 for the LoRA matmuls, so the
         round trip is exact and only adds two activation-sized copies (and their backward) per adapted linear,
@@ -169,7 +170,20 @@ class LLMRanker(L.LightningModule):
         autocast the cast stays: a bf16 base and an fp32 adapter need it."""
         autocast_on = torch.is_autocast_enabled(self.device.type)
         with disable_input_dtype_casting(self.model, active=autocast_on):
-            return self.base.get_decoder()(**kw)
+            return (self.base.get_decoder() if decoder is None else decoder)(**kw)
+
+    def _scoring_decoder(self):
+        """`scoring.compile`: the decoder the packed scoring pass runs, torch.compile'd (dynamic shapes) on first
+        use: a compiled view of the same module and weights, so training and every other pass stay eager.
+        Kept in a plain dict: an nn.Module attribute would register the wrapper as a child (its parameters twice
+        in the state dict)."""
+        decoder = self.base.get_decoder()
+        if not self.scoring_cfg.get("compile", False):
+            return decoder
+        compiled = self._compiled.get(id(decoder))
+        if compiled is None:
+            compiled = self._compiled[id(decoder)] = torch.compile(decoder, dynamic=True)
+        return compiled
 
     def answer_logits(self, batch: dict) -> dict:
         """Logits at the positions that predict answer tokens: {"logits": [M, V], "targets": [M], "row": [M]}."""
@@ -305,8 +319,9 @@ class LLMRanker(L.LightningModule):
         to_dev = lambda x: torch.from_numpy(x).to(dev, non_blocking=True)
         input_ids, seg_t, positions = to_dev(ids), to_dev(seg), to_dev(pos)
         with self._scoring_autocast():
-            hidden = self.run_decoder(input_ids=input_ids, attention_mask=self._packed_mask(seg_t),
-                                      position_ids=positions, use_cache=False).last_hidden_state
+            hidden = self.run_decoder(self._scoring_decoder(), input_ids=input_ids,
+                                      attention_mask=self._packed_mask(seg_t), position_ids=positions,
+                                      use_cache=False).last_hidden_state
         h = hidden[to_dev(tok_b), to_dev(src)]  # [N, H]
         tgt = input_ids[to_dev(tok_b), to_dev(tok_col)]
         head = self.base.get_output_embeddings()
