@@ -3,7 +3,8 @@
 #   OUT=<dir> LIMIT=<path to lora_limit.py> bash benchmarks/gpu_bench.sh [part ...]
 #   parts: limit train train1b score fullrank profile compiled score2 tables (default: the first five); `tables`:
 #   the gpu scale's own training setting (batch 16, eager) and its scoring pass (packed, 256 users), profiled,
-#   with the fp32 pass's speed and how far bf16 moves the scores from it (bench.agreement), and compiled. Each variant writes <OUT>/<name>.json + .log.
+#   with the fp32 pass's speed and how far bf16 moves the scores from it (bench.agreement), and compiled.
+#   Each variant writes <OUT>/<name>.json + .log.
 # Needs the staged SmolLM2 and Beauty (../shared/device/README.md): PYTHONPATH, RECSIM_CACHE, RECSIM_DATA.
 set -uo pipefail
 OUT=${OUT:?output dir}; mkdir -p "$OUT"

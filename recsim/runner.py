@@ -325,20 +325,29 @@ def base_stage_key(cfg) -> dict:
 
 
 # settings that change neither stage 0's weights nor its scores beyond float round-off (how many users or
-# prompts a pass holds, and its padding): across recsim versions a stage 0 is matched without them
-ROUNDOFF_ONLY = (("eval", "batch_size"), ("eval", "kl_batch_size"), ("recipe", "scoring", "pad_to_multiple_of"))
+# prompts a pass holds, its padding, whether the scoring pass is compiled): across recsim versions a stage 0
+# is matched without them
+ROUNDOFF_ONLY = (("eval", "batch_size"), ("eval", "kl_batch_size"), ("recipe", "scoring", "pad_to_multiple_of"),
+                 ("recipe", "scoring", "compile"))
+
+
+# settings added to the key after stage 0s were cached, with the value that does what recsim did before
+# them: a key holding that value compares equal to one written before the setting existed
+LATER_DEFAULTS = {("recipe", "scoring", "fp32"): False}
 
 
 def _comparable(key: dict) -> dict:
-    """A base-stage key without the recsim sources and the round-off-only settings."""
+    """A base-stage key without the recsim sources, the round-off-only settings and later settings at the
+    value that keeps the earlier behaviour."""
     key = json.loads(json.dumps(key))
     key.pop("recsim_sources", None)
-    for path in ROUNDOFF_ONLY:
+    drops = [(path, None) for path in ROUNDOFF_ONLY] + list(LATER_DEFAULTS.items())
+    for path, default in drops:
         node = key
         for part in path[:-1]:
             node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(path[-1], None)
+        if isinstance(node, dict) and path[-1] in node and (default is None or node[path[-1]] == default):
+            node.pop(path[-1])
     return key
 
 
@@ -355,7 +364,8 @@ def _reuse_other_version(shared: Path, key: dict) -> bool:
         if _comparable(theirs) != wanted:
             continue
         log.warning("stage 0: reusing %s, trained by recsim sources %s (these are %s): same settings "
-                    "(reuse_base_stage_across_versions=true)", other, theirs.get("recsim_sources"), key["recsim_sources"])
+                    "(reuse_base_stage_across_versions=true)", other, theirs.get("recsim_sources"),
+                    key["recsim_sources"])
         staging = shared.with_name(shared.name + f".tmp{os.getpid()}")
         shutil.copytree(other, staging)
         write_json(staging / "reused_from.json", {"folder": other.name, "recsim_sources": theirs.get("recsim_sources")})

@@ -347,7 +347,8 @@ def test_stage0_from_another_version_is_reused_only_with_the_same_settings(tmp_p
 
     root = tmp_path / "base_stage"
     ours = {"seed": 1, "eval": {"batch_size": 256, "kl_batch_size": 16, "ks": [1, 3]},
-            "recipe": {"scoring": {"pad_to_multiple_of": "auto", "kernel": "packed"}}, "recsim_sources": "new"}
+            "recipe": {"scoring": {"pad_to_multiple_of": "auto", "kernel": "packed", "fp32": False}},
+            "recsim_sources": "new"}  # fp32: added later; false does what recsim did before it
     older = {"seed": 1, "eval": {"batch_size": 4, "ks": [1, 3]}, "recipe": {"scoring": {"kernel": "packed"}},
              "recsim_sources": "old"}
     _stage0_folder(root, "unfinished", older, done=False)
@@ -361,3 +362,5 @@ def test_stage0_from_another_version_is_reused_only_with_the_same_settings(tmp_p
     assert json.loads((mine / "key.json").read_text()) == ours
     other_k = {**ours, "eval": {**ours["eval"], "ks": [1, 5]}}  # a setting that changes the scores
     assert not _reuse_other_version(root / "mine2", other_k)
+    exact = {**ours, "recipe": {"scoring": {**ours["recipe"]["scoring"], "fp32": True}}}  # not what "old" did
+    assert not _reuse_other_version(root / "mine3", exact)

@@ -144,7 +144,8 @@ def test_lora_inputs_stay_bf16_under_autocast_and_nothing_moves(monkeypatch):
     assert fast_dtypes == {torch.bfloat16}
     assert all(m.cast_input_dtype_enabled for m in ranker.model.modules() if hasattr(m, "cast_input_dtype_enabled"))
     # the control: peft's cast left on (the code before this change)
-    monkeypatch.setattr(llm_ranker_module, "disable_input_dtype_casting", lambda model, active: contextlib.nullcontext())
+    monkeypatch.setattr(llm_ranker_module, "disable_input_dtype_casting",
+                        lambda model, active: contextlib.nullcontext())
     ref, ref_logits, ref_dtypes = passes()
     assert ref_dtypes == {torch.float32}
     np.testing.assert_array_equal(fast, ref)

@@ -39,8 +39,9 @@ def top_k_agreement(scores: np.ndarray, reference: np.ndarray, k: int = 10) -> d
     mine, theirs = top(scores), top(reference)
     same_set = [set(a) == set(b) for a, b in zip(mine, theirs)]
     diff = np.abs(scores - reference)
-    return {"k": k, "top_k_order_kept": float((mine == theirs).all(1).mean()), "top_k_set_kept": float(np.mean(same_set)),
-            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+    return {"k": k, "top_k_order_kept": float((mine == theirs).all(1).mean()),
+            "top_k_set_kept": float(np.mean(same_set)), "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean())}
 
 
 def run(cfg, bench: dict) -> dict:
@@ -84,7 +85,8 @@ def run(cfg, bench: dict) -> dict:
                 method.score_candidates(rec, samples[:batch], candidates[:batch], batch)
         profile = profiled.summary
     n, width = candidates.shape
-    return {"profile": profile, "agreement": agreement, "split": split, "users": n, "users_requested": bench["users"], "candidates_per_user": width,
+    return {"profile": profile, "agreement": agreement, "split": split, "users": n, "users_requested": bench["users"],
+            "candidates_per_user": width,
             "warmup_batches": bench["warmup"], "seconds": seconds, "users_per_s": n / seconds,
             "candidates_per_s": n * width / seconds, "method": cfg.method.name,
             "weights_dtype": weights_dtype(rec.module), "peak_mem_mb": meter.peak_mb, "memory_kind": meter.memory_kind}

@@ -40,8 +40,8 @@ What is prepared:
   (recsim stored the log-probs themselves before, positions x V x 4 B: 12.6 GB there, which ran the GPU out
   of memory beside other runs; a head GEMM per step costs far less than that memory.)
 A step whose samples are all prepared then runs only the current model's blocks >= l_min (forward and
-backward), the head on the stored frozen states, and no frozen pass. Values and gradients are those of the per-step passes up to
-float round-off (the pool is prepared in other batch shapes than the steps'). With EvoRec's GPU setting
+backward), the head on the stored frozen states, and no frozen pass. Values and gradients are those of the
+per-step passes up to float round-off (the pool is prepared in other batch shapes than the steps'). With EvoRec's GPU setting
 (144 steps x 8 draws from 512 samples, l_min = 20 of 30 blocks) a step's L_c then costs 10 blocks forward
 and backward instead of 60 forward and 10 backward.
 - `false`: the reference, per step: collate the KL batch on the host, run the current model (grad) and
@@ -282,7 +282,8 @@ class KLPool:
             if self.frozen_h is None:
                 self.frozen_h = states.new_empty((int(self.counts.sum()), states.shape[-1]))
             fresh = ~self.ready[rows]
-            self.frozen_h[self._stored_rows(rows[fresh])] = states[self._device(np.flatnonzero(np.repeat(fresh, self.counts[rows])))]
+            new_positions = self._device(np.flatnonzero(np.repeat(fresh, self.counts[rows])))
+            self.frozen_h[self._stored_rows(rows[fresh])] = states[new_positions]
         self.ready[rows] = True
         return inputs, frozen
 
