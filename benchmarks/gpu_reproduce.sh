@@ -34,7 +34,7 @@ ordered() {  # stdin's command lines, those of the methods in ORDER first (in th
   done
   printf '%s\n' "$rest"
 }
-{ grep -vE '(^| )method=base( |$)' "$OUT/commands.txt" || true; } | ordered | grep -v '^$' | run_all "$P"
+{ grep -vE '(^| )method=base( |$)' "$OUT/commands.txt" || true; } | ordered | { grep -v '^$' || true; } | run_all "$P"
 "${rep[@]}" --render-only > /dev/null
 if [ -n "${PACK:-}" ]; then
   tar czf "$PACK" --exclude='*.safetensors' --exclude=adapter --exclude=candidates.npz -C "$OUT" .

@@ -370,7 +370,12 @@ def _reuse_other_version(shared: Path, key: dict) -> bool:
         shutil.copytree(other, staging)
         write_json(staging / "reused_from.json", {"folder": other.name, "recsim_sources": theirs.get("recsim_sources")})
         write_json(staging / "key.json", key)
-        publish_dir(staging, shared)
+        try:  # atomic, and refused when another run of this seed published it first (runs start together)
+            os.rename(staging, shared)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (shared / "DONE").exists():
+                raise
         return True
     return False
 

@@ -360,6 +360,9 @@ def test_stage0_from_another_version_is_reused_only_with_the_same_settings(tmp_p
     assert (mine / "DONE").exists() and (mine / "adapter.bin").read_bytes() == b"weights"
     assert json.loads((mine / "reused_from.json").read_text()) == {"folder": "old", "recsim_sources": "old"}
     assert json.loads((mine / "key.json").read_text()) == ours
+    (mine / "DONE").write_text("first")  # another run of this seed published it first: it is left as it is
+    assert _reuse_other_version(mine, ours) and (mine / "DONE").read_text() == "first"
+    assert sorted(p.name for p in root.iterdir()) == ["mine", "old", "otherseed", "unfinished"]  # no staging left
     other_k = {**ours, "eval": {**ours["eval"], "ks": [1, 5]}}  # a setting that changes the scores
     assert not _reuse_other_version(root / "mine2", other_k)
     exact = {**ours, "recipe": {"scoring": {**ours["recipe"]["scoring"], "fp32": True}}}  # not what "old" did
