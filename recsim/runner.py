@@ -288,7 +288,7 @@ def _swept_columns() -> dict:
     return cols
 
 
-def _shared_base_dir(cfg, method) -> Path | None:
+def _shared_base_dir(cfg, method, key: dict | None = None) -> Path | None:
     """Where stage 0 of this config is kept for every method that shares it (None: not shared).
 
     Stage 0 trains the initial model; it depends on the data, backbone, recipe, protocol, stage-0
@@ -296,11 +296,12 @@ def _shared_base_dir(cfg, method) -> Path | None:
     and scores it once. The key hashes what determines it (`base_stage_key`): those settings with every
     path key removed (moving the data or the cache changes nothing), the content of the data's source
     files, and the recsim sources themselves (any code or config edit trains a new stage 0, never reuses a
-    stale one, unless `reuse_base_stage_across_versions` says otherwise).
+    stale one, unless `reuse_base_stage_across_versions` says otherwise). `key`: `base_stage_key(cfg)` if the
+    caller has it already (it hashes the sources and the data).
     """
     if not (cfg.reuse_base_stage and method.shares_base_stage):
         return None
-    text = json.dumps(base_stage_key(cfg), sort_keys=True, default=str)
+    text = json.dumps(key or base_stage_key(cfg), sort_keys=True, default=str)
     return Path(cfg.paths.cache_dir) / "base_stage" / hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -324,37 +325,33 @@ def base_stage_key(cfg) -> dict:
     return json.loads(json.dumps(keyed, sort_keys=True, default=str))  # as key.json stores it
 
 
-# settings that change neither stage 0's weights nor its scores beyond float round-off (how many users or
-# prompts a pass holds, its padding, whether the scoring pass is compiled): across recsim versions a stage 0
-# is matched without them
-ROUNDOFF_ONLY = (("eval", "batch_size"), ("eval", "kl_batch_size"), ("recipe", "scoring", "pad_to_multiple_of"),
-                 ("recipe", "scoring", "compile"))
-
-
-# settings added to the key after stage 0s were cached, with the value that does what recsim did before
-# them: a key holding that value compares equal to one written before the setting existed
-LATER_DEFAULTS = {("recipe", "scoring", "fp32"): False}
+ANY = object()
+# what a stage 0 is matched without across recsim versions: settings that change neither its weights nor its
+# scores beyond float round-off (ANY value: how many users or prompts a pass holds, its padding, whether the
+# scoring pass is compiled), and settings added to the key later, at the value that does what recsim did
+# before them (a key holding it compares equal to one written before the setting existed)
+IGNORED_ACROSS_VERSIONS = {("eval", "batch_size"): ANY, ("eval", "kl_batch_size"): ANY,
+                           ("recipe", "scoring", "pad_to_multiple_of"): ANY, ("recipe", "scoring", "compile"): ANY,
+                           ("recipe", "scoring", "fp32"): False}
 
 
 def _comparable(key: dict) -> dict:
-    """A base-stage key without the recsim sources, the round-off-only settings and later settings at the
-    value that keeps the earlier behaviour."""
+    """A base-stage key without the recsim sources and the IGNORED_ACROSS_VERSIONS settings."""
     key = json.loads(json.dumps(key))
     key.pop("recsim_sources", None)
-    drops = [(path, None) for path in ROUNDOFF_ONLY] + list(LATER_DEFAULTS.items())
-    for path, default in drops:
+    for path, default in IGNORED_ACROSS_VERSIONS.items():
         node = key
         for part in path[:-1]:
             node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and path[-1] in node and (default is None or node[path[-1]] == default):
+        if isinstance(node, dict) and path[-1] in node and (default is ANY or node[path[-1]] == default):
             node.pop(path[-1])
     return key
 
 
 def _reuse_other_version(shared: Path, key: dict) -> bool:
     """`reuse_base_stage_across_versions`: fill `shared` from a finished stage 0 of the same settings written by
-    another recsim version (its key.json equal to `key` but for the sources and ROUNDOFF_ONLY), recorded in
-    reused_from.json. False when there is none."""
+    another recsim version (its key.json equal to `key` but for the sources and IGNORED_ACROSS_VERSIONS),
+    recorded in reused_from.json. False when there is none."""
     wanted = _comparable(key)
     for found in sorted(shared.parent.glob("*/key.json")):
         other = found.parent
@@ -407,15 +404,17 @@ def run(cfg: DictConfig) -> Path:
     base_cols = {"dataset": cfg.dataset.name, "method": cfg.method.name, "backbone": cfg.backbone.name,
                  "recipe": cfg.recipe.name, "protocol": cfg.stage.name, "seed": cfg.seed, **_swept_columns()}
 
+    # what stage 0 depends on, hashed once per run (the sources and the data): its cache folder, its key.json
+    base_key = base_stage_key(cfg) if cfg.reuse_base_stage and method.shares_base_stage else None
     all_rows = []
     last_quality = None  # the latest stage's quality rows: reused when a stage leaves the model untouched
     last_ranks: dict = {}  # ... and its per-user ranks
     for stage in protocol.stages:
         stage_dir = out / "stages" / f"{stage.index:02d}_{stage.name}"
-        shared = _shared_base_dir(cfg, method) if stage.index == 0 else None
+        shared = _shared_base_dir(cfg, method, base_key) if stage.index == 0 else None
         if (shared and cfg.get("reuse_base_stage_across_versions", False) and not (stage_dir / "DONE").exists()
                 and not (shared / "DONE").exists()):
-            _reuse_other_version(shared, base_stage_key(cfg))
+            _reuse_other_version(shared, base_key)
         if not (stage_dir / "DONE").exists() and shared and (shared / "DONE").exists():
             log.info("stage 0 is shared by every method of this config: reusing %s", shared)
             tmp = stage_dir.with_name(stage_dir.name + f".tmp{os.getpid()}")
@@ -461,7 +460,7 @@ def run(cfg: DictConfig) -> Path:
             shared.parent.mkdir(parents=True, exist_ok=True)
             staging = shared.with_name(shared.name + f".tmp{os.getpid()}")
             shutil.copytree(tmp, staging)
-            write_json(staging / "key.json", base_stage_key(cfg))  # what it was trained on, for later versions
+            write_json(staging / "key.json", base_key)  # what it was trained on, for later versions
             publish_dir(staging, shared)
         publish_dir(tmp, stage_dir)
         all_rows.append(frame)

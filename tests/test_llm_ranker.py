@@ -144,8 +144,7 @@ def test_lora_inputs_stay_bf16_under_autocast_and_nothing_moves(monkeypatch):
     assert fast_dtypes == {torch.bfloat16}
     assert all(m.cast_input_dtype_enabled for m in ranker.model.modules() if hasattr(m, "cast_input_dtype_enabled"))
     # the control: peft's cast left on (the code before this change)
-    monkeypatch.setattr(llm_ranker_module, "disable_input_dtype_casting",
-                        lambda model, active: contextlib.nullcontext())
+    monkeypatch.setattr(llm_ranker_module, "no_lora_input_casts", lambda layers, active: contextlib.nullcontext())
     ref, ref_logits, ref_dtypes = passes()
     assert ref_dtypes == {torch.float32}
     np.testing.assert_array_equal(fast, ref)
@@ -205,7 +204,7 @@ def test_compiled_scoring_pass_keeps_the_scores_and_leaves_training_eager():
     ranker.scoring_cfg.compile = True
     compiled = ranker.score_candidates(SAMPLES, CANDS, batch_size=3)  # two passes of different widths
     np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
-    (view,) = ranker._compiled.values()
+    view = ranker._scoring_view[1]
     assert view is not ranker.base.get_decoder() and view._orig_mod is ranker.base.get_decoder()
     assert getattr(ranker.base.get_decoder(), "_compiled_call_impl", None) is None  # training's decoder: eager
     assert not any("_orig_mod" in k for k in ranker.state_dict())

@@ -90,7 +90,7 @@ def _position_logits(module, batch: dict, positions: str) -> torch.Tensor:
     hidden = module._decode(batch["input_ids"], batch["attention_mask"]).last_hidden_state  # [B, L, H]
     mask = batch["attention_mask"].bool()
     where = mask[:, :-1] & mask[:, 1:]  # t real and predicting a real token t+1: not a left pad, not the last
-    return module.base.get_output_embeddings()(hidden[:, :-1][where]).float()
+    return _head_logits(module, hidden[:, :-1][where])
 
 
 def kl_rows(module, batch: dict, anchor: dict[str, torch.Tensor], positions: str = "answer") -> torch.Tensor:
