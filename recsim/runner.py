@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from recsim.eval.continual import continual_summary
-from recsim.eval.metrics import ranks_from_scores, ranks_full, summarise
+from recsim.eval.metrics import ranks_full, summarise
 from recsim.methods import build_method
 from recsim.protocols.base import EncodedData, EvalSplit
 from recsim.protocols.prepare import prepare_protocol, save_prepared
@@ -116,6 +116,7 @@ def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
     valid = visible_validation(protocol, stage) if protocol is not None else None
     # Retrain: stage 0's schedule; classic models stop early on `valid` when there is one
     optim, batch_size = rec.schedule(method.schedule_index(stage), validated=valid is not None)
+    optim = method.update_optim(optim, stage)
     seed = _stage_seed(cfg.seed, stage.index)
     before = {n: p.detach().clone() for n, p in rec.tracked_parameters().items()}
     method.report, method.extra_trainable = {}, 0
@@ -201,74 +202,63 @@ def _kl_on_inactive_users(cfg, protocol, stage, rec, method, before: dict) -> fl
         return kl_after_update(rec.module, anchor, samples, cfg.eval.get("kl_batch_size", 16))
 
 
+def eval_decoders(cfg) -> list[str]:
+    """`eval.decoders`, or `eval.modes` of configs written before decoders existed (the same names)."""
+    names = cfg.eval.get("decoders")
+    return list(names if names is not None else cfg.eval.get("modes", ["candidates"]))
+
+
 def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]:
     """Scores every test split (or only the stage's own) and, with `eval.validation`, the stage's own
-    validation split. Returns result rows and the per-user ranks {(mode, split, group): (users, ranks)}."""
+    validation split, with every decoder of `eval.decoders` (recsim.decoders) and, for models that can, a full
+    ranking of the catalogue. Returns result rows and the per-user ranks {(mode, split, group): (users, ranks)}."""
+    from recsim.decoders import build_decoder
+
     splits = [protocol.splits[n] for n in (protocol.splits if cfg.eval.all_splits else [stage.eval_split])]
     if cfg.eval.validation and stage.eval_split in protocol.valid_splits:
         splits.append(protocol.valid_splits[stage.eval_split])
+    decoders = [d for d in (build_decoder(n, cfg) for n in eval_decoders(cfg)) if rec.kind == "llm" or not d.llm_only]
     rows, per_user = [], {}
-    ks = list(cfg.eval.ks)
     for split in splits:
         name = split.name
-        ranks = {"candidates": {}, "full": {}}
         users = {g: np.array([s.user for s in samples], dtype=np.int64) for g, samples in split.samples.items()}
-        for group, samples in split.samples.items():
-            if not samples:
-                continue
-            cands = split.candidates[group]
-            scores = []
-            step = max(64, cfg.eval.batch_size)  # progress in steps of 64 users, or of one pass if passes are larger
-            for start in tqdm(range(0, len(samples), step), desc=f"eval {stage.name} on {name}/{group}", leave=False,
-                              disable=not cfg.trainer.progress_bar):
-                scores.append(method.score_candidates(rec, samples[start : start + step], cands[start : start + step],
-                                                      cfg.eval.batch_size))
-            ranks["candidates"][group] = ranks_from_scores(np.concatenate(scores))
-            if rec.can_rank_all and cfg.eval.full_ranking:
-                full = rec.score_all(samples)
-                # full ranking masks everything the user interacted with before the target, not only the window
-                before = [protocol.data.sequences[s.user][: s.position] for s in samples]
-                ranks["full"][group] = ranks_full(full, np.array([s.target for s in samples]), before)
-        if "generation" in cfg.eval.modes and rec.kind == "llm":
-            by_group, counts = _generation_ranks(cfg, rec, method, split)
-            common = {"eval_mode": "generation", "candidates": f"1+{cfg.eval.negatives}", "stage": stage.index,
-                      "stage_name": stage.name, "split": name}
-            rows += [{**common, "group": "all", "n_users": counts["users"], "metric": "invalid_share",
-                      "value": counts["invalid"] / max(1, counts["generated"])},
-                     {**common, "group": "all", "n_users": counts["users"], "metric": "no_valid_item_share",
-                      "value": counts["empty_lists"] / max(1, counts["users"])}]
-            # a generated list holds list_length titles: HR@K for a longer K would only repeat HR@list_length
-            gen_ks = [k for k in ks if k <= cfg.recipe.generation.list_length]
-            for group, r in by_group.items():
-                per_user[("generation", name, group)] = (users[group], r)
+        common = {"stage": stage.index, "stage_name": stage.name, "split": name}
+        for decoder in decoders:
+            by_group, counts = {}, Counter()
+            for group, samples in split.samples.items():
+                if not samples:
+                    continue
+                progress = lambda it, g=group: tqdm(it, desc=f"{decoder.name} {stage.name} on {name}/{g}", leave=False,
+                                                    disable=not cfg.trainer.progress_bar)
+                by_group[group], c = decoder.rank(method, rec, samples, split.candidates[group], progress)
+                counts.update(c)
+            head = {"eval_mode": decoder.name, "candidates": decoder.pool_label(), **common}
             if by_group:
-                by_group["all"] = _pooled(by_group)
-            for group, r in by_group.items():  # rank -1 (not in the list) scores 0 in every metric
-                rows += [{**common, "group": group, **m} for m in summarise(r, gen_ks, cfg.eval.n_boot, cfg.seed)]
-        for mode, by_group in ranks.items():
-            if not by_group:
-                continue
-            for group, r in by_group.items():
-                per_user[(mode, name, group)] = (users[group], r)
-            by_group["all"] = _pooled(by_group)
-            for group, r in by_group.items():
-                for m in summarise(r, ks, cfg.eval.n_boot, cfg.seed):
-                    rows.append({"eval_mode": mode, "candidates": "all" if mode == "full" else f"1+{cfg.eval.negatives}",
-                                 "stage": stage.index, "stage_name": stage.name, "split": name, "group": group, **m})
+                rows += [{**head, "group": "all", "n_users": counts["users"], "metric": metric, "value": value}
+                         for metric, value in decoder.count_rows(counts).items()]
+            rows += _metric_rows(head, by_group, users, decoder.name, name, decoder.ks(), cfg, per_user)
+        if rec.can_rank_all and cfg.eval.full_ranking:
+            full = {}
+            for group, samples in split.samples.items():
+                if samples:  # full ranking masks everything the user interacted with before the target, not only the window
+                    before = [protocol.data.sequences[s.user][: s.position] for s in samples]
+                    full[group] = ranks_full(rec.score_all(samples), np.array([s.target for s in samples]), before)
+            head = {"eval_mode": "full", "candidates": "all", **common}
+            rows += _metric_rows(head, full, users, "full", name, list(cfg.eval.ks), cfg, per_user)
     return rows, per_user
 
 
-def _generation_ranks(cfg, rec, method, split) -> tuple[dict, Counter]:
-    """The authors' evaluation: ranked title lists generated per group (through the method, so LSAT decodes
-    with its ensemble or merge), with counts of invalid titles. Ranks are -1 where the positive is not listed."""
-    ranks, counts = {}, Counter()
-    for group, samples in split.samples.items():
-        if samples:
-            ranks[group], stats = method.generate_rankings(rec, samples, split.candidates[group],
-                                                           cfg.recipe.generation, cfg.seed, cfg.eval.batch_size)
-            counts.update(stats)
-            counts["users"] += len(samples)
-    return ranks, counts
+def _metric_rows(head: dict, by_group: dict, users: dict, mode: str, split: str, ks: list[int], cfg,
+                 per_user: dict) -> list[dict]:
+    """Metric rows (with bootstrap CIs) of every group and of the pooled "all"; per-user ranks into `per_user`.
+    Rank -1 (not in a decoder's list) scores 0 in every metric."""
+    if not by_group:
+        return []
+    for group, r in by_group.items():
+        per_user[(mode, split, group)] = (users[group], r)
+    by_group = {**by_group, "all": _pooled(by_group)}
+    return [{**head, "group": group, **m} for group, r in by_group.items()
+            for m in summarise(r, ks, cfg.eval.n_boot, cfg.seed)]
 
 
 def _swept_columns() -> dict:
@@ -313,6 +303,7 @@ def base_stage_key(cfg) -> dict:
     t = cfg.trainer
     plain = lambda node: OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     keyed = {k: drop_path_keys(plain(cfg[k])) for k in ("dataset", "backbone", "recipe", "stage", "eval", "seed")}
+    keyed["item_id"] = plain(cfg.get("item_id")) or {"name": "title"}  # what the model emits for an item
     keyed["trainer"] = {k: plain(t.get(k)) for k in ("base", "batch_size", "max_train_samples", "precision",
                                                      "gradient_clip_val", "accumulate_grad_batches", "devices",
                                                      "num_nodes", "strategy", "compile", "compile_mode",
@@ -339,6 +330,11 @@ def _comparable(key: dict) -> dict:
     """A base-stage key without the recsim sources and the IGNORED_ACROSS_VERSIONS settings."""
     key = json.loads(json.dumps(key))
     key.pop("recsim_sources", None)
+    # renamed or added since: eval.modes is eval.decoders; no item_id meant titles
+    if "modes" in key.get("eval", {}):
+        key["eval"]["decoders"] = key["eval"].pop("modes")
+    if key.get("item_id", {"name": "title"}) == {"name": "title"}:
+        key.pop("item_id", None)
     for path, default in IGNORED_ACROSS_VERSIONS.items():
         node = key
         for part in path[:-1]:
@@ -425,8 +421,8 @@ def run(cfg: DictConfig) -> Path:
             publish_dir(tmp, stage_dir)
         if (stage_dir / "DONE").exists():
             log.info("stage %s already finished: loading it", stage.name)
-            rec.load(stage_dir)
-            method.load_state_dict(load_state(stage_dir))  # tensors + JSON: nothing is unpickled
+            method.load_state_dict(load_state(stage_dir))  # tensors + JSON: nothing is unpickled; adapters it adds
+            rec.load(stage_dir)  # ... exist before the stage's weights are loaded into them
             frame = pd.read_csv(stage_dir / "results.csv")
             all_rows.append(frame)
             last_quality = frame[frame.eval_mode != "-"]
@@ -444,7 +440,7 @@ def run(cfg: DictConfig) -> Path:
         cost = [{**base_cols, "eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
                  "split": "-", "group": "-", "metric": key, "value": float(eff[key])}
                 for key in ("train_samples", "trainable_params", "changed_params", "update_seconds", "peak_mem_mb",
-                            "kl_UI_after_update")
+                            "kl_UI_after_update", "adapter_bytes")
                 if key in eff]
         frame = pd.concat([quality, pd.DataFrame(cost)], ignore_index=True)
         last_quality = quality
@@ -484,11 +480,15 @@ def run(cfg: DictConfig) -> Path:
 
 
 def _r_metric(cfg, mode: str) -> str:
-    """eval.r_metric, cut to the list length in generation mode (a 3-title list has no NDCG@10)."""
+    """eval.r_metric, cut to the decoder's longest list (a 3-title list has no NDCG@10)."""
+    from recsim.decoders import DECODERS
+
     metric = cfg.eval.r_metric
-    if mode == "generation" and "@" in metric:
+    if mode in DECODERS and "@" in metric:
         name, k = metric.split("@")
-        return f"{name}@{min(int(k), cfg.recipe.generation.list_length)}"
+        supported = DECODERS[mode](cfg).ks()
+        if supported and int(k) > max(supported):
+            return f"{name}@{max(supported)}"
     return metric
 
 

@@ -118,12 +118,16 @@ ROOT = {"seed": integer(0), "reuse_base_stage": boolean(), "reuse_base_stage_acr
         "paths.data_dir": text(), "paths.cache_dir": text()}
 
 EVAL = {
-    "eval.modes": subset("candidates", "generation"), "eval.ks": integers(1), "eval.negatives": integer(1),
+    "eval.ks": integers(1), "eval.negatives": integer(1),
     "eval.full_ranking": boolean(), "eval.all_splits": boolean(), "eval.batch_size": integer(1),
     "eval.n_boot": integer(1), "eval.r_metric": text(), "eval.table_metrics": strings(),
     "eval.validation": boolean(), "eval.kl_after_update": boolean(), "eval.kl_samples": integer(1),
     "eval.kl_batch_size": integer(1),
 }
+DECODER_NAMES = ("candidates", "generation", "beam", "grounding")  # = recsim.decoders.DECODERS (no torch import here)
+# eval.decoders, or eval.modes in configs written before decoders existed (one of the two must be there)
+EVAL_DECODERS = {"eval.decoders": subset(*DECODER_NAMES)}
+EVAL_MODES = {"eval.modes": subset(*DECODER_NAMES)}
 
 OPTIM = {"lr": number(0, lo_open=True), "weight_decay": number(0), "scheduler": one_of("constant", "cosine"),
          "epochs": integer(0), "max_steps": integer(1, null=True)}
@@ -210,6 +214,13 @@ METHOD_BY_NAME = {
     "lsat": {"method.long_epochs": integer(0), "method.long_samples": integer(1, null=True),
              "method.combine": one_of("ensemble", "merge"), "method.long_term": one_of("retrain", "continue"),
              "method.weight_grid": numbers(0, 1), "method.select_metric": text(), "method.eval_batch_size": integer(1)},
+    # recsim.methods.proximal (granularities and reductions restated: this file must not import torch)
+    "single_lora": {"method.lr_scale": number(0, lo_open=True, null=True), "method.ce_temperature": number(0, lo_open=True)},
+    **{m: {"method.lam": number(0), "method.granularity": one_of("module", "matrix", "layer", "global"),
+           "method.reduction": one_of("sum", "mean"), "method.lr_scale": number(0, lo_open=True, null=True),
+           "method.ce_temperature": number(0, lo_open=True)} for m in ("peso", "prox_l2")},
+    **{m: {"method.lam": number(0), "method.lr_scale": number(0, lo_open=True, null=True),
+           "method.ce_temperature": number(0, lo_open=True)} for m in ("prox_output_kl", "prox_orthogonal")},
 }
 
 STAGE_BY_NAME = {
@@ -220,19 +231,40 @@ STAGE_BY_NAME = {
     "leave_one_out": {"stage.history_window": integer(1)},
 }
 
-RECIPE_BY_NAME = {"candidate_ranking": {f"recipe.{k}": c for k, c in {
+_RECIPE = {f"recipe.{k}": c for k, c in {
     "prompt.template": text(), "prompt.max_history": integer(1), "prompt.max_title_words": integer(1, null=True),
     "prompt.max_prompt_tokens": integer(1), "scoring.normalize": one_of("mean", "sum"),
     "scoring.max_title_words": integer(1, null=True), "scoring.max_answer_tokens": integer(1),
     "generation.list_length": integer(1), "generation.separator": text(), "generation.max_new_tokens": integer(1),
-    "generation.max_title_words": integer(1, null=True)}.items()}}
+    "generation.max_title_words": integer(1, null=True)}.items()}
+GENERATIVE = {f"recipe.{k}": c for k, c in {
+    "prompt.item_separator": Check(lambda v: v is None or isinstance(v, str), "null or a string"),
+    "beam.beam_size": integer(1), "beam.top_k": integer(1), "beam.length_penalty": number(),
+    "beam.max_new_tokens": integer(1, null=True), "beam.batch_size": integer(1),
+    "grounding.max_new_tokens": integer(1), "grounding.top_k": integer(1), "grounding.batch_size": integer(1)}.items()}
+RECIPE_BY_NAME = {"candidate_ranking": _RECIPE, "generative": {**_RECIPE, **GENERATIVE}}
 # keys added later: optional, so configs written before them still validate (the code reads them with a default)
-RECIPE_OPTIONAL_BY_NAME = {"candidate_ranking": {
+_RECIPE_OPTIONAL = {
     "recipe.scoring.kernel": one_of("packed", "kv_repeat"),  # = recsim.models.llm_ranker.SCORING_KERNELS
     "recipe.scoring.autocast": Check(lambda v: v in (True, False, "auto"), "auto, true or false"),
     "recipe.scoring.fp32": boolean(), "recipe.scoring.compile": boolean(),
     "recipe.scoring.pad_to_multiple_of": Check(lambda v: v == "auto" or v is None or (type(v) is int and v >= 1),
-                                               "auto, null or an integer >= 1")}}
+                                               "auto, null or an integer >= 1"),
+    "recipe.prompt.item_separator": Check(lambda v: v is None or isinstance(v, str), "null or a string")}
+RECIPE_OPTIONAL_BY_NAME = {"candidate_ranking": _RECIPE_OPTIONAL, "generative": _RECIPE_OPTIONAL}
+
+ITEM_ID_BY_NAME = {  # optional as a whole: configs written before item vocabularies existed mean item_id=title
+    "title": {},
+    "semantic": {f"item_id.{k}": c for k, c in {
+        "method": one_of("rqvae", "rkmeans"), "levels": integer(1, 26), "codebook_size": integer(2),
+        "encoder": one_of("minilm", "backbone"), "seed": integer(0), "dedup": one_of("colliding", "all"),
+        "prompt_shows": one_of("code", "title"), "train_embeddings": one_of("new_tokens", "all", "none"),
+        "rqvae.e_dim": integer(1), "rqvae.epochs": integer(1), "rqvae.lr": number(0, lo_open=True),
+        "rqvae.beta": number(0), "rkmeans.niter": integer(1)}.items()},
+    "semantic_released": {f"item_id.{k}": c for k, c in {
+        "dedup": one_of("colliding", "all"), "prompt_shows": one_of("code"),
+        "train_embeddings": one_of("new_tokens", "all", "none")}.items()},
+}
 
 
 def _registry(kind: str) -> dict:
@@ -319,6 +351,9 @@ def config_errors(cfg: DictConfig) -> list[str]:
     c = _Checker(cfg)
     for table in (ROOT, EVAL, TRAINER, LOGGER, DATASET):
         c.table(table)
+    c.table(EVAL_DECODERS if c.get("eval.decoders") is not _ABSENT or c.get("eval.modes") is _ABSENT else EVAL_MODES)
+    if c.get("item_id") is not _ABSENT:
+        c.table(c.option("item_id.name", ITEM_ID_BY_NAME))
     c.table(TRAINER_OPTIONAL, required=False)
     if c.get("logger.wandb") is True:
         c.table(WANDB)
@@ -370,11 +405,23 @@ def _cross_checks(c: _Checker) -> None:
             m = METRIC.fullmatch(name)
             if not m or (m.group(2) and int(m.group(2)) not in ks):
                 c.bad(key, name, f"HR@K, NDCG@K or Recall@K with K in eval.ks={ks}, or MRR")
-    if "generation" in g("eval.modes") and g("recipe.name") == "candidate_ranking":
+    decoders = g("eval.decoders") if g("eval.decoders") is not _ABSENT else g("eval.modes")
+    if "generation" in decoders and g("recipe.generation.list_length") is not _ABSENT:
         if g("recipe.generation.list_length") > g("eval.negatives") + 1:
             c.bad("recipe.generation.list_length", g("recipe.generation.list_length"),
                   f"at most the number of candidates, eval.negatives + 1 = {g('eval.negatives') + 1}")
-    if g("recipe.name") == "candidate_ranking" and "{history}" not in g("recipe.prompt.template"):
+    for name in ("beam", "grounding"):
+        if name in decoders and g(f"recipe.{name}") is _ABSENT:
+            c.bad("eval.decoders", decoders, f"a list whose {name} has its settings: recipe.{name} is missing "
+                  "(recipe=generative has them)")
+    if "beam" in decoders and g("recipe.beam") is not _ABSENT:
+        top = g("recipe.beam.top_k")
+        for key, names in (("eval.r_metric", [g("eval.r_metric")]), ("eval.table_metrics", g("eval.table_metrics"))):
+            for name in names:
+                m = METRIC.fullmatch(name)
+                if m and m.group(2) and int(m.group(2)) > top:
+                    c.bad(key, name, f"a cut-off <= recipe.beam.top_k={top} (the beam lists {top} items)")
+    if g("recipe.name") in RECIPE_BY_NAME and "{history}" not in g("recipe.prompt.template"):
         c.bad("recipe.prompt.template", g("recipe.prompt.template"), "a string containing {history}")
     if g("stage.name") == "stages" and g("stage.first_share") + sum(g("stage.window_shares")) > 1 + 1e-9:
         c.bad("stage.window_shares", g("stage.window_shares"),

@@ -28,5 +28,5 @@ def test_experiment_runs_with_tiny_backbone(tmp_path, name):
     cfg = compose([f"experiment={name}"])
     stages = len(cfg.stage.t_quantiles) + 1 if cfg.stage.name == "two_period" else len(cfg.stage.window_shares)
     assert sorted(df[df.eval_mode == "candidates"].stage.unique()) == list(range(stages))
-    if "generation" in cfg.eval.modes:
+    if "generation" in cfg.eval.decoders:
         assert "invalid_share" in set(df.metric)

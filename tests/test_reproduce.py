@@ -85,9 +85,9 @@ def test_shared_run_names_must_mean_one_setting(tmp_path):
         load_specs(tmp_path)
     base.update(paper_numbers={}, eval_mode="generation", runs=[{"name": "evorec_gen", "overrides": ["method=evorec"]}])
     (tmp_path / "clash.yaml").write_text(yaml.safe_dump(base))
-    with pytest.raises(SpecError, match=r"needs eval.modes=\[candidates,generation\]"):
+    with pytest.raises(SpecError, match=r"needs eval.decoders=\[...,generation\]"):
         load_specs(tmp_path)
-    base["overrides"] = ["eval.modes=[candidates,generation]"]
+    base["overrides"] = ["eval.decoders=[candidates,generation]"]
     (tmp_path / "clash.yaml").write_text(yaml.safe_dump(base))
     assert [s.key for s in load_specs(tmp_path)][0] == "clash"
 

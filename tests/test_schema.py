@@ -67,7 +67,7 @@ def test_every_experiment_validates(name):
     (["trainer.precision=bf17"], "trainer.precision='bf17': expected null, 64, 32, 16 or one of"),
     (["eval.negatives=0"], "eval.negatives=0: expected an integer >= 1"),
     (["eval.ks=[]"], "eval.ks=[]: expected a non-empty list of integers >= 1"),
-    (["eval.modes=[ranking]"], "eval.modes=['ranking']: expected a non-empty list of candidates, generation"),
+    (["eval.decoders=[ranking]"], "eval.decoders=['ranking']: expected a non-empty list of candidates, generation, beam, grounding"),
     (["eval.r_metric=NDCG@20"],
      "eval.r_metric='NDCG@20': expected HR@K, NDCG@K or Recall@K with K in eval.ks=[1, 3, 5, 10]"),
     (["dataset.k_core=-2"], "dataset.k_core=-2: expected an integer >= 0"),

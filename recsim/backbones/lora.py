@@ -8,19 +8,30 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 
-def add_lora(model, lora_cfg):
+def add_lora(model, lora_cfg, trainable_tokens: list[int] | None = None, train_embeddings: bool = False):
+    """LoRA on `lora_cfg.target_modules`. `trainable_tokens`: embedding rows (added item tokens) that train with
+    the adapter, through peft's trainable-token deltas (tied input/output embeddings stay tied);
+    `train_embeddings`: embed_tokens and lm_head train whole (modules_to_save), as PESO's code does."""
     config = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules),
         task_type="CAUSAL_LM",
+        trainable_token_indices=list(trainable_tokens) if trainable_tokens else None,
+        modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None,
     )
     return get_peft_model(model, config)
 
 
+ADAPTER_TENSORS = ("lora_", "trainable_tokens_delta", "modules_to_save")  # what an adapter holds in peft
+
+
 def lora_parameters(model, adapter: str = "default") -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n + "."}
+    """The adapter's own parameters: its LoRA matrices and, where the item vocabulary trains them, its token
+    embedding rows (peft's trainable-token deltas) or whole embedding copies (modules_to_save)."""
+    return {n: p for n, p in model.named_parameters()
+            if any(t in n for t in ADAPTER_TENSORS) and f".{adapter}." in n + "."}
 
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")

@@ -40,6 +40,11 @@ class ContinualMethod:
         """Whose optimiser schedule the stage's fit uses: 0 = stage 0's (trainer.base), else an update's."""
         return stage.index
 
+    def update_optim(self, optim, stage: StageData):
+        """The optimiser settings of the stage's fit, from the schedule `schedule_index` picked (a method may
+        change them, e.g. PESO's later-stage learning rate as a multiple of stage 0's)."""
+        return optim
+
     def score_candidates(self, rec, samples, candidates, batch_size: int):
         """Inference hook: a method that combines adapters (LSAT) changes how candidates are scored."""
         return rec.score_candidates(samples, candidates, batch_size)
@@ -48,11 +53,17 @@ class ContinualMethod:
         """Inference hook of generation mode (ranked title lists); every inference path goes through the method."""
         return rec.module.generate_rankings(samples, candidates, gen_cfg, seed, batch_size)
 
+    def decode_step(self, rec):
+        """Inference hook of the generating decoders (beam search): `step(ids, mask, positions, cache) ->
+        (next-token log-probs [N, V], cache)` with the model as the method infers (every active adapter)."""
+        return rec.module._step
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Restores what `state_dict` saved. Called on resume *before* the stage's adapters are loaded into the
+        model, so a method that adds adapters (SumLoRA, InfLoRA) re-creates them here and the load fills them."""
 
 
 class Base(ContinualMethod):

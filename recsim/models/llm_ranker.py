@@ -82,8 +82,11 @@ LossTerm = Callable[["LLMRanker", dict, dict], dict]
 
 class LLMRanker(L.LightningModule):
     def __init__(self, model, tokenizer, titles: list[str], prompt_cfg, scoring_cfg, optim_cfg,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, answers: list[str] | None = None):
+        """`titles[i]`: what the prompt shows for item i; `answers[i]`: what the model emits for it, as it is
+        (semantic-ID code strings); None: the title, cut to `scoring.max_title_words` (recsim.items.vocab)."""
         super().__init__()
+        self.answers = answers
         self.pad_to_multiple_of = pad_to_multiple_of  # training batches' width (compiled shapes: fewer of them)
         self.model = model  # a peft PeftModel (LoRA injected into the base)
         self.tok = tokenizer
@@ -92,6 +95,7 @@ class LLMRanker(L.LightningModule):
         self.scoring_cfg = scoring_cfg
         self.optim_cfg = optim_cfg
         self.loss_terms: list[LossTerm] = []  # extra loss terms a method adds (KL, EWC, ...)
+        self.ce_temperature = 1.0  # L_e on logits / T (PESO's code trains with T = 0.8); scoring never divides
         self._answer_ids: dict[int, list[int]] = {}
         self._prompt_ids: dict[tuple, list[int]] = {}
         self._lora_layers = (None, [])  # (model, its LoRA layers): found once per model (run_decoder)
@@ -104,7 +108,8 @@ class LLMRanker(L.LightningModule):
 
     def prompt_for(self, history) -> str:
         hist = list(history)[-self.prompt_cfg.max_history :]
-        return history_prompt([self.titles[i] for i in hist], self.prompt_cfg.template, self.prompt_cfg.max_title_words)
+        return history_prompt([self.titles[i] for i in hist], self.prompt_cfg.template, self.prompt_cfg.max_title_words,
+                              self.prompt_cfg.get("item_separator"))
 
     def prompt_ids(self, history) -> list[int]:
         # a prompt depends only on the titles it shows: tokenise each distinct one once per process
@@ -122,7 +127,10 @@ class LLMRanker(L.LightningModule):
 
     def answer_ids(self, item: int) -> list[int]:
         if item not in self._answer_ids:
-            text = answer_text(self.titles[item], self.scoring_cfg.max_title_words)
+            if self.answers is None:
+                text = answer_text(self.titles[item], self.scoring_cfg.max_title_words)
+            else:
+                text = self.answers[item]
             ids = self.tok(text, add_special_tokens=False).input_ids[: self.scoring_cfg.max_answer_tokens]
             self._answer_ids[item] = ids + [self.tok.eos_token_id]
         return self._answer_ids[item]
@@ -225,7 +233,8 @@ class LLMRanker(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self.answer_logits(batch)
-        loss = F.cross_entropy(out["logits"], out["targets"])  # L_e: NLL of the answer tokens
+        logits = out["logits"] if self.ce_temperature == 1.0 else out["logits"] / self.ce_temperature
+        loss = F.cross_entropy(logits, out["targets"])  # L_e: NLL of the answer tokens
         logs = {"train/nll": loss.detach()}
         for term in self.loss_terms:
             for name, value in term(self, batch, out).items():

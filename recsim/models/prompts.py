@@ -42,7 +42,12 @@ def distinct_titles(titles: list[str], max_words: int | None) -> list[str]:
     return out
 
 
-def history_prompt(titles: list[str], template: str = DEFAULT_TEMPLATE, max_title_words: int | None = None) -> str:
+def history_prompt(titles: list[str], template: str = DEFAULT_TEMPLATE, max_title_words: int | None = None,
+                   separator: str | None = None) -> str:
+    """The history as numbered lines, newest last; with `separator`, inline ("<a_1><b_2>, <a_7><b_1>", PESO's
+    prompt)."""
+    if separator is not None:
+        return template.format(history=separator.join(shorten(t, max_title_words) for t in titles))
     lines = "\n".join(f"{i + 1}. {shorten(t, max_title_words)}" for i, t in enumerate(titles))
     return template.format(history=lines)
 

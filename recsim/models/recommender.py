@@ -12,7 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from recsim.backbones import lora as lora_ops
+from recsim.backbones.adapters import Adapters
 from recsim.backbones.llm import load_base_model, load_tokenizer, weights_hash
+from recsim.items.vocab import build_vocabulary
 from recsim.models.llm_ranker import LLMRanker
 from recsim.protocols.base import EncodedData, Sample
 
@@ -24,6 +26,22 @@ def package_versions() -> dict:
             "peft": peft.__version__, "lightning": lightning.__version__}
 
 
+def add_item_tokens(tokenizer, base, vocab, seed: int) -> list[int]:
+    """Adds the vocabulary's new tokens (semantic-ID codes) to the tokenizer and resizes the base model's embeddings
+    (new rows drawn around the old rows' mean, seeded); returns their ids ([] for titles). A new token is a
+    whole unit to the tokenizer, so "<a_1><b_2>" tokenises to exactly those two ids."""
+    if not vocab.new_tokens:
+        return []
+    added = tokenizer.add_tokens(list(vocab.new_tokens))
+    if added != len(vocab.new_tokens):
+        raise RuntimeError(f"item vocabulary: {len(vocab.new_tokens) - added} of its tokens already exist in the "
+                           "backbone's tokenizer; they would not be new embedding rows")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        base.resize_token_embeddings(len(tokenizer))
+    return tokenizer.convert_tokens_to_ids(list(vocab.new_tokens))
+
+
 class LLMRecommender:
     kind = "llm"
     can_rank_all = False  # scoring every catalogue title per user is not affordable; candidates only
@@ -32,14 +50,20 @@ class LLMRecommender:
         self.cfg = cfg
         bb = cfg.backbone
         self.cache_dir = Path(cache_dir)  # method-level caches (EWC's Fisher in a λ sweep)
+        self.num_items = data.num_items
         self.tokenizer = load_tokenizer(bb, cache_dir)
+        self.vocab = build_vocabulary(cfg, data, cache_dir)  # what prompts show and what the model emits per item
         base = load_base_model(bb, cache_dir, seed=seed)
         self.base_hash = weights_hash(base)
+        new_ids = add_item_tokens(self.tokenizer, base, self.vocab, seed)  # before LoRA: peft sees the final vocabulary
+        train = cfg.get("item_id", {}).get("train_embeddings", "new_tokens") if new_ids else "none"
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: seed them
-            model = lora_ops.add_lora(base, bb.lora)
-        self.module = LLMRanker(model, self.tokenizer, data.titles, cfg.recipe.prompt, cfg.recipe.scoring, cfg.trainer.base,
-                                 pad_to_multiple_of=cfg.trainer.get("pad_to_multiple_of"))
+            model = lora_ops.add_lora(base, bb.lora, trainable_tokens=new_ids if train == "new_tokens" else None,
+                                      train_embeddings=train == "all")
+        self.module = LLMRanker(model, self.tokenizer, self.vocab.prompt_texts, cfg.recipe.prompt, cfg.recipe.scoring,
+                                cfg.trainer.base, pad_to_multiple_of=cfg.trainer.get("pad_to_multiple_of"),
+                                answers=None if self.vocab.cut_answers else self.vocab.answers)
         self.initial = lora_ops.snapshot(model)
 
     @property
@@ -86,23 +110,18 @@ class LLMRecommender:
 
     def save(self, folder: Path) -> None:
         """peft's own adapter format (loadable by other tools) plus what is needed to detect drift."""
-        self.model.save_pretrained(str(folder / "adapter"))
+        Adapters(self.model).save(folder / "adapter")  # every adapter: "default" in adapter/, others in adapter/<name>
         meta = {"backbone": self.cfg.backbone.name, "source": self.cfg.backbone.source,
                 "pretrained": self.cfg.backbone.get("pretrained"), "base_weights_hash": self.base_hash,
                 "versions": package_versions()}
         (folder / "adapter" / "recsim_meta.json").write_text(json.dumps(meta, indent=2))
 
     def load(self, folder: Path) -> None:
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
-
         meta = json.loads((folder / "adapter" / "recsim_meta.json").read_text())
         if meta["base_weights_hash"] != self.base_hash:
             raise RuntimeError(f"{folder}/adapter was trained on other base weights ({meta['base_weights_hash']} "
                                f"!= {self.base_hash}); refusing to resume on a different backbone")
-        for name in self.model.peft_config:
-            sub = folder / "adapter" if name == "default" else folder / "adapter" / name
-            if (sub / "adapter_config.json").is_file():  # a shared stage 0 has no method-specific adapters
-                set_peft_model_state_dict(self.model, load_peft_weights(str(sub)), adapter_name=name)
+        Adapters(self.model).load(folder / "adapter")
 
 
 class SequentialRecommender:

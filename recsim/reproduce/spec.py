@@ -135,9 +135,9 @@ def load_spec(path: str | Path) -> Spec:
         paper_claims=_str_list(raw.get("paper_claims"), "paper_claims", path), order=int(raw.get("order", 100)),
     )  # fmt: skip
     if spec.eval_mode not in ("candidates", "full") and not any(
-        o.startswith("eval.modes=") and spec.eval_mode in o for r in runs for o in r.overrides
-    ):  # candidates (and full, for models that rank all) are always scored; others are opt-in
-        raise SpecError(f"{path}: eval_mode {spec.eval_mode} needs eval.modes=[candidates,{spec.eval_mode}] in"
+        o.startswith(("eval.decoders=", "eval.modes=")) and spec.eval_mode in o for r in runs for o in r.overrides
+    ):  # candidates (and full, for models that rank all) are scored by default; other decoders are opt-in
+        raise SpecError(f"{path}: eval_mode {spec.eval_mode} needs eval.decoders=[...,{spec.eval_mode}] in"
                         " the spec's overrides (and run names of their own: that is another setting)")
     bad_eff = [e for e in spec.efficiency if e not in EFFICIENCY]
     if bad_eff:

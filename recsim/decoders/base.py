@@ -1,0 +1,105 @@
+"""What a decoder is: a trained model + evaluation samples -> each sample's rank of its target.
+
+A decoder ranks either the sample's 1 + negatives candidates (`pool = "candidates"`: likelihood scoring, the
+EvoRec authors' list generation) or the whole catalogue (`pool = "catalogue"`: constrained beam search,
+grounding, L2D). Every decoder goes through the method (`method.score_candidates`, `method.generate_rankings`,
+`method.decode_step`), so a method that combines adapters decodes as itself. `rank` returns 0-based ranks
+(-1: the target is not in the decoder's list, which every metric scores 0) and counts the runner reports beside
+the metrics (`invalid_share`: listed outputs that name no item; `short_list_share`: users whose list is shorter
+than asked).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from recsim.eval.metrics import ranks_from_lists, ranks_from_scores
+
+
+class Decoder:
+    name = "decoder"
+    pool = "candidates"  # "candidates": the sample's 1 + negatives | "catalogue": every item
+    llm_only = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def pool_label(self) -> str:
+        return f"1+{self.cfg.eval.negatives}" if self.pool == "candidates" else "all"
+
+    def ks(self) -> list[int]:
+        """The cut-offs this decoder's ranks support (a 3-title list has no HR@10)."""
+        return list(self.cfg.eval.ks)
+
+    def rank(self, method, rec, samples, candidates: np.ndarray, progress=None) -> tuple[np.ndarray, Counter]:
+        raise NotImplementedError
+
+    def count_rows(self, counts: Counter) -> dict[str, float]:
+        """Figures reported beside the metrics (metric name -> value) from the summed counts of every group."""
+        return {}
+
+
+class CandidateLikelihood(Decoder):
+    """Each candidate's identifier scored by its likelihood after the prompt (recsim.models.llm_ranker); classic
+    models score by dot product. Ranks among the 1 + negatives candidates; the target is column 0."""
+
+    name = "candidates"
+    llm_only = False
+
+    def rank(self, method, rec, samples, candidates, progress=None):
+        step = max(64, self.cfg.eval.batch_size)  # progress in steps of 64 users, or of one pass if passes are larger
+        scores = []
+        for start in progress(range(0, len(samples), step)) if progress else range(0, len(samples), step):
+            scores.append(method.score_candidates(rec, samples[start : start + step], candidates[start : start + step],
+                                                  self.cfg.eval.batch_size))
+        return ranks_from_scores(np.concatenate(scores)), Counter(users=len(samples))
+
+
+class ListGeneration(Decoder):
+    """The EvoRec authors' evaluation: the prompt carries the (shuffled) candidate titles, the model greedily writes
+    a ranked list of titles, matched exactly (recsim.models.llm_ranker.LLMRanker.generate_rankings)."""
+
+    name = "generation"
+
+    def ks(self):
+        return [k for k in self.cfg.eval.ks if k <= self.cfg.recipe.generation.list_length]
+
+    def rank(self, method, rec, samples, candidates, progress=None):
+        if getattr(rec, "vocab", None) is not None and rec.vocab.emits_codes:
+            raise ValueError("eval.decoders=[generation] writes candidate titles: it needs item_id=title "
+                             "(use beam for semantic IDs)")
+        ranks, stats = method.generate_rankings(rec, samples, candidates, self.cfg.recipe.generation, self.cfg.seed,
+                                                self.cfg.eval.batch_size)
+        return ranks, Counter(users=len(samples), **stats)
+
+    def count_rows(self, counts):
+        return {"invalid_share": counts["invalid"] / max(1, counts["generated"]),
+                "no_valid_item_share": counts["empty_lists"] / max(1, counts["users"])}
+
+
+def ranks_of_lists(lists: np.ndarray, samples, num_items: int, top_k: int) -> tuple[np.ndarray, Counter]:
+    """Ranks from catalogue decoders' item lists [n, K] (-1 = no item), with the counts every such decoder reports:
+    ids outside the catalogue (`invalid`, which a trie makes impossible: counted, not assumed) and short lists."""
+    lists = np.asarray(lists)
+    valid = (lists >= 1) & (lists <= num_items)
+    invalid = int(((lists != -1) & ~valid).sum())
+    cleaned = [[int(i) for i in row[ok]] for row, ok in zip(lists, valid)]
+    counts = Counter(users=len(samples), listed=int((lists != -1).sum()), invalid=invalid,
+                     short_lists=sum(len(row) < top_k for row in cleaned))
+    return ranks_from_lists(cleaned, [s.target for s in samples]), counts
+
+
+class CatalogueDecoder(Decoder):
+    pool = "catalogue"
+
+    def top_k(self) -> int:
+        raise NotImplementedError
+
+    def ks(self):
+        return [k for k in self.cfg.eval.ks if k <= self.top_k()]
+
+    def count_rows(self, counts):
+        return {"invalid_share": counts["invalid"] / max(1, counts["listed"]),
+                "short_list_share": counts["short_lists"] / max(1, counts["users"])}
