@@ -44,6 +44,30 @@ class Job:
         return self.dir.with_name(self.dir.name + ".log")
 
 
+def missing_data(dataset: str) -> str | None:
+    """The first source file of dataset config `dataset` that is not on disk (data_dir from RECSIM_DATA, as the
+    runs read it), named with where to get it; None when every file is there (or the data is simulated)."""
+    from omegaconf import OmegaConf
+
+    from recsim.data.load import READERS, default_data_dir
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "dataset" / f"{dataset}.yaml"
+    if not path.is_file():
+        return None  # not a packaged dataset name: the run itself reports what is wrong
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    raw["data_dir"] = default_data_dir()
+    reader = READERS.get(raw.get("reader"))
+    if reader is None:
+        return None
+    try:
+        absent = [f for f in reader.sources(raw) if not Path(f).exists()]
+    except Exception as err:  # a reader that checks its folder itself
+        return str(err)
+    if not absent:
+        return None
+    return f"{absent[0]} not found (where to download it: the header of recsim/conf/dataset/{path.name})"
+
+
 def run_dir(out: Path, scale: str, dataset: str, run: str, seed: int) -> Path:
     return Path(out) / scale / dataset / f"{run}_s{seed}"
 
@@ -101,7 +125,12 @@ def _tail(path: Path, n: int = 5) -> str:
 
 def run_jobs(jobs: list[Job], n_parallel: int = 1) -> list[Job]:
     """Launch the unfinished jobs (``n_parallel`` at a time); returns the ones that failed."""
-    todo = [j for j in jobs if not j.done]
+    absent = {ds: missing_data(ds) for ds in sorted({j.dataset for j in jobs if not j.done})}
+    for ds, why in absent.items():
+        if why:  # never another dataset in its place: the table says "data not present"
+            n = sum(j.dataset == ds and not j.done for j in jobs)
+            print(f"recsim.reproduce: skipping {n} run(s) on {ds}: {why}", file=sys.stderr)
+    todo = [j for j in jobs if not j.done and not absent.get(j.dataset)]
     for job in jobs:
         if job.done:
             stale = _stale(job)

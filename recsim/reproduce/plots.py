@@ -92,3 +92,56 @@ def plot_cost(spec: Spec, scale: Scale, rows: list[TableRow], path: Path) -> boo
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def stage_curve_points(spec: Spec, row: TableRow) -> dict[int, list[float]]:
+    """{stage: [value per seed]} of `spec.stage_curve` for group "all": each stage's model on that stage's own
+    split (protocol.json's eval_split; the R matrix's diagonal)."""
+    import json
+
+    import pandas as pd
+
+    points: dict[int, list[float]] = {}
+    for d in row.facts["dirs"]:
+        own = {int(s["index"]): s["eval_split"] for s in json.loads((d / "protocol.json").read_text())["stages"]}
+        df = pd.read_csv(d / "results.csv")
+        sel = df[(df.eval_mode == spec.eval_mode) & (df.group == "all") & (df.metric == spec.stage_curve)]
+        for stage, split in own.items():
+            hit = sel[(pd.to_numeric(sel.stage) == stage) & (sel.split.astype(str) == split)]
+            if len(hit):
+                points.setdefault(stage, []).append(float(hit.value.iloc[0]))
+    return points
+
+
+def plot_stage_curve(spec: Spec, scale: Scale, rows: list[TableRow], path: Path) -> bool:
+    """`spec.stage_curve` per stage, one line per run (x dataset), mean over seeds with min-max bars."""
+    if not spec.stage_curve:
+        return False
+    lines = []
+    for r in rows:
+        pts = stage_curve_points(spec, r) if r.facts["dirs"] else {}
+        if pts:
+            label = f"{r.run.label} ({r.dataset})" if len(spec.datasets) > 1 else r.run.label
+            lines.append((label, sorted(pts.items())))
+    if not lines:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in lines:
+        x = [s for s, _ in pts]
+        mean = [float(np.mean(v)) for _, v in pts]
+        err = [[m - min(v) for m, (_, v) in zip(mean, pts)], [max(v) - m for m, (_, v) in zip(mean, pts)]]
+        ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xlabel("stage (each stage's model on its own split)")
+    ax.set_ylabel(f"{spec.stage_curve} (all users, {spec.eval_mode})")
+    ax.set_xticks(sorted({s for _, pts in lines for s, _ in pts}))
+    ax.set_title(f"{spec.key}: recsim, scale {scale.name}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

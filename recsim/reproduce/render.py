@@ -13,6 +13,7 @@ import pandas as pd
 
 from recsim.reproduce import plots
 from recsim.reproduce.cells import Cell, TableRow, _columns, build_rows
+from recsim.reproduce.launch import missing_data
 from recsim.reproduce.spec import EFFICIENCY, Scale, Spec
 from recsim.results import EFFICIENCY_GROUP, markdown_table
 from recsim.tables import aggregate, collect, render_markdown
@@ -87,6 +88,8 @@ def render_spec(spec: Spec, scale: Scale, rows: list[TableRow], rel: Path) -> st
         source = f"`{r.dataset}/{r.run.name}_s{seeds}` ({n_done}/{len(scale.seeds)} done)"
         if "error" in r.facts:
             source += f"; ERROR: {r.facts['error']}"
+        if not r.facts["dirs"] and (why := missing_data(r.dataset)):
+            source += f"; data not present: {why}"
         if r.run.paper_source:
             footnotes.append(f"{r.run.label}: paper numbers from {r.run.paper_source}.")
             source += f"; paper: see note {len(footnotes)}"
@@ -157,6 +160,8 @@ def render(specs: Sequence[Spec], scale: Scale, out: Path, experiments: Path) ->
             images.append(f"![{spec.key} radar]({spec.key}_radar.png)")
         if plots.plot_cost(spec, scale, rows, folder / f"{spec.key}_cost.png"):
             images.append(f"![{spec.key} quality vs cost]({spec.key}_cost.png)")
+        if plots.plot_stage_curve(spec, scale, rows, folder / f"{spec.key}_stages.png"):
+            images.append(f"![{spec.key} per stage]({spec.key}_stages.png)")
         if images:
             parts += [" ".join(images), ""]
         records += long_rows(spec, scale, rows)

@@ -28,9 +28,11 @@ EFFICIENCY = {
     "update_seconds": ("update_min", 60.0, "min", "update time (min, all rounds)", "sum"),
     "train_samples": ("train_samples", 1.0, "", "train samples (all rounds)", "sum"),
     "peak_mem_mb": ("peak_mem_mb", 1.0, "MB", "peak memory (MB)", "max"),
+    "adapter_bytes": ("adapter_MB", 1e6, "MB", "adapters kept (MB, last stage)", "max"),
 }
 SPEC_KEYS = {"title", "paper", "dataset", "metrics", "groups", "efficiency", "eval_mode", "runs",
-             "paper_numbers", "note", "overrides", "radar_metrics", "paper_claims", "order"}  # fmt: skip
+             "paper_numbers", "note", "overrides", "radar_metrics", "paper_claims", "order",
+             "stage_curve"}  # fmt: skip
 RUN_KEYS = {"name", "label", "overrides", "paper_source"}
 RESERVED = ("dataset=", "seed=", "hydra.run.dir=")  # set by reproduce itself
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a run name is a directory name
@@ -68,6 +70,7 @@ class Spec:
     radar_metrics: list[str] = field(default_factory=list)
     paper_claims: list[str] = field(default_factory=list)
     order: int = 100  # position in TABLES.md (then the file name)
+    stage_curve: str | None = None  # a metric plotted per stage (each stage's model on its own split), per run
 
     def paper_value(self, run: str, dataset: str, key: str) -> float | None:
         """The paper's number for ``key`` (``U_A/NDCG@3`` or an efficiency key), dataset-qualified first."""
@@ -133,6 +136,7 @@ def load_spec(path: str | Path) -> Spec:
         paper_numbers=raw.get("paper_numbers") or {}, note=str(raw.get("note") or "").strip(),
         radar_metrics=_str_list(raw.get("radar_metrics"), "radar_metrics", path),
         paper_claims=_str_list(raw.get("paper_claims"), "paper_claims", path), order=int(raw.get("order", 100)),
+        stage_curve=raw.get("stage_curve"),
     )  # fmt: skip
     if spec.eval_mode not in ("candidates", "full") and not any(
         o.startswith(("eval.decoders=", "eval.modes=")) and spec.eval_mode in o for r in runs for o in r.overrides
