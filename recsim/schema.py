@@ -221,6 +221,14 @@ METHOD_BY_NAME = {
            "method.ce_temperature": number(0, lo_open=True)} for m in ("peso", "prox_l2")},
     **{m: {"method.lam": number(0), "method.lr_scale": number(0, lo_open=True, null=True),
            "method.ce_temperature": number(0, lo_open=True)} for m in ("prox_output_kl", "prox_orthogonal")},
+    # recsim.methods.cumulative
+    "sumlora": {"method.form": one_of("plain", "directions"),
+                "method.variant": one_of("all", "latest", "all_inherit", "latest_inherit"),
+                "method.inherit_init": one_of("increment", "copy")},
+    "sdlora": {"method.variant": one_of("all", "latest", "all_inherit", "latest_inherit"),
+               "method.inherit_init": one_of("increment", "copy")},
+    "inflora": {"method.variant": one_of("all", "latest"), "method.threshold": number(0, 1, lo_open=True),
+                "method.input_samples": integer(1, null=True), "method.input_batch_size": integer(1)},
 }
 
 STAGE_BY_NAME = {
