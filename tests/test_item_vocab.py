@@ -109,3 +109,21 @@ def test_code_tokens_added_before_lora_and_trained(tmp_path):
     torch.nn.functional.cross_entropy(out["logits"], out["targets"]).backward()
     delta = next(p for n, p in rec.model.named_parameters() if "trainable_tokens_delta" in n)
     assert delta.grad is not None and delta.grad.abs().sum() > 0
+
+
+def test_train_embeddings_all_keeps_tied_embeddings_tied():
+    """item_id.train_embeddings=all (PESO's code: embed_tokens and lm_head train whole): one trained copy for a
+    model whose input and output embeddings are tied, so the two cannot drift apart."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recsim.backbones.lora import add_lora, lora_parameters
+
+    cfg = LlamaConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    lora = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj"]})
+    model = add_lora(LlamaForCausalLM(cfg), lora, train_embeddings=True)
+    saved = [n for n in lora_parameters(model) if "modules_to_save" in n]
+    assert len(saved) == 1 and "embed_tokens" in saved[0]
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    assert head.weight.data_ptr() == emb.weight.data_ptr()

@@ -20,6 +20,7 @@ def add_lora(model, lora_cfg, trainable_tokens: list[int] | None = None, train_e
         task_type="CAUSAL_LM",
         trainable_token_indices=list(trainable_tokens) if trainable_tokens else None,
         modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None,
+        ensure_weight_tying=train_embeddings,  # a tied model (SmolLM2, Llama-3.2-1B) keeps one trained copy, not two
     )
     return get_peft_model(model, config)
 
