@@ -131,6 +131,8 @@ def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
             samples = [samples[i] for i in sorted(keep)]
         if samples:
             method.before_update(stage, rec, samples)
+            # parameters the method added now (SumLoRA's new adapter): changed = moved by the fit from their start
+            before.update({n: p.detach().clone() for n, p in rec.tracked_parameters().items() if n not in before})
             trainable = sum(p.numel() for p in rec.module.parameters() if p.requires_grad) + method.extra_trainable
             selection = cfg.trainer.get("checkpoint_selection") or {}
             chooser = None
@@ -197,7 +199,7 @@ def _kl_on_inactive_users(cfg, protocol, stage, rec, method, before: dict) -> fl
     samples = protocol.splits[stage.eval_split].samples.get("U_I", [])[: cfg.eval.get("kl_samples", 256)]
     if not samples:
         return None
-    anchor = {n: v for n, v in before.items() if "lora_" in n}
+    anchor = {n: v for n, v in before.items() if "lora_" in n and not n.startswith("module.")}
     with torch.no_grad():
         return kl_after_update(rec.module, anchor, samples, cfg.eval.get("kl_batch_size", 16))
 

@@ -102,8 +102,11 @@ class LLMRecommender:
         self.module.loss_terms.clear()
 
     def tracked_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """Parameters an update could change: every adapter weight and anything set trainable."""
-        return {n: p for n, p in self.model.named_parameters() if "lora_" in n or p.requires_grad}
+        """Parameters an update could change: every adapter weight and anything set trainable, and parameters a
+        method keeps on the ranker outside the model (SD-LoRA's magnitudes, as `module.<name>`)."""
+        tracked = {n: p for n, p in self.model.named_parameters() if "lora_" in n or p.requires_grad}
+        tracked.update({f"module.{n}": p for n, p in self.module.named_parameters() if not n.startswith("model.")})
+        return tracked
 
     def score_candidates(self, samples: list[Sample], candidates: np.ndarray, batch_size: int) -> np.ndarray:
         return self.module.score_candidates(samples, candidates, batch_size)
@@ -114,13 +117,23 @@ class LLMRecommender:
         meta = {"backbone": self.cfg.backbone.name, "source": self.cfg.backbone.source,
                 "pretrained": self.cfg.backbone.get("pretrained"), "base_weights_hash": self.base_hash,
                 "versions": package_versions()}
+        meta["item_vocabulary"] = {"kind": self.vocab.kind, "fingerprint": self.vocab.fingerprint(),
+                                   "tokens": len(self.tokenizer)}
         (folder / "adapter" / "recsim_meta.json").write_text(json.dumps(meta, indent=2))
+        if self.vocab.new_tokens:  # the grown tokenizer beside the adapter: the stage loads in any tool
+            self.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
     def load(self, folder: Path) -> None:
         meta = json.loads((folder / "adapter" / "recsim_meta.json").read_text())
         if meta["base_weights_hash"] != self.base_hash:
             raise RuntimeError(f"{folder}/adapter was trained on other base weights ({meta['base_weights_hash']} "
                                f"!= {self.base_hash}); refusing to resume on a different backbone")
+        saved = meta.get("item_vocabulary", {"kind": "title"})  # stages written before vocabularies: titles
+        if saved.get("kind") != self.vocab.kind or saved.get("fingerprint", self.vocab.fingerprint()) != \
+                self.vocab.fingerprint():
+            raise RuntimeError(f"{folder}/adapter was trained with another item vocabulary ({saved}) than this "
+                               f"run's ({self.vocab.kind}, {self.vocab.fingerprint()}): its item tokens would mean "
+                               "other items")
         Adapters(self.model).load(folder / "adapter")
 
 
