@@ -31,7 +31,6 @@ inference uses it alone. Both adapters are saved in peft's format at every stage
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
@@ -39,6 +38,7 @@ import torch
 from omegaconf import OmegaConf
 
 from recsim.backbones import lora as lora_ops
+from recsim.backbones.adapters import Adapters
 from recsim.eval.metrics import metric_values
 from recsim.methods.base import ContinualMethod, register
 from recsim.protocols.base import make_samples
@@ -68,11 +68,10 @@ class LSAT(ContinualMethod):
             metric_values(np.zeros((1, 2)), self.cfg.select_metric)
         except ValueError:
             raise ValueError(f"method.select_metric={self.cfg.select_metric!r}: expected HR@K, NDCG@K, Recall@K or MRR") from None
-        with torch.random.fork_rng():
-            torch.manual_seed(self.cfg.seed)
-            rec.model.add_adapter(SHORT, copy.deepcopy(rec.model.peft_config["default"]))
-        rec.model.set_adapter("default")
-        self.short_initial = lora_ops.snapshot(rec.model, SHORT)
+        self.adapters = Adapters(rec.model)
+        self.adapters.add(SHORT, seed=self.cfg.seed)  # "default"'s LoRA settings, its A matrices seeded
+        self.adapters.activate("default")
+        self.short_initial = self.adapters.snapshot(SHORT)
         self.short_ready = False
         self.weight: float | None = None  # w of the long-term adapter; None until the first update
 
@@ -84,23 +83,23 @@ class LSAT(ContinualMethod):
             keep = np.random.default_rng([self.cfg.seed, stage.index]).choice(len(long), self.cfg.long_samples,
                                                                               replace=False)
             long = [long[i] for i in sorted(keep)]
-        rec.model.set_adapter("default")
+        self.adapters.activate("default")
         if self.cfg.long_term == "retrain":  # the authors' code: a fresh LoRA on all periods, stage 0's schedule
             rec.reset_to_initial()
             optim = rec.schedule(0)[0]
         else:
             optim = OmegaConf.merge(rec.schedule(stage.index)[0], {"epochs": self.cfg.long_epochs})
-        self.extra_trainable = rec.set_trainable(adapter="default")
+        self.extra_trainable = self.adapters.trainable("default")
         self.train_fn(long, optim, "long_term")
         # short-term adapter: fresh, trained on the new window by the runner's fit
-        lora_ops.load_snapshot(rec.model, self.short_initial)
-        rec.model.set_adapter(SHORT)
-        rec.set_trainable(adapter=SHORT)
+        self.adapters.load_snapshot(SHORT, self.short_initial)
+        self.adapters.activate(SHORT)
+        self.adapters.trainable(SHORT)
         self.report.update({"long_term_samples": len(long), "long_term": self.cfg.long_term})
 
     def after_update(self, stage, rec):
         super().after_update(stage, rec)
-        rec.model.set_adapter("default")
+        self.adapters.activate("default")
         if stage.index > 0:
             self.short_ready = True
             self.weight = self.select_weight(stage, rec)
@@ -139,18 +138,18 @@ class LSAT(ContinualMethod):
     def _adapter_scores(self, rec, samples, cands):
         bs = self.cfg.eval_batch_size
         long = rec.score_candidates(samples, cands, bs)
-        rec.model.set_adapter(SHORT)
+        self.adapters.activate(SHORT)
         try:
             short = rec.score_candidates(samples, cands, bs)
         finally:
-            rec.model.set_adapter("default")
+            self.adapters.activate("default")
         return long, short
 
     def merged_params(self, rec, w: float) -> dict[str, torch.Tensor]:
         """The default adapter's names with w·long + (1 − w)·short tensors (A and B merged separately)."""
-        named = dict(rec.model.named_parameters())
-        return {n: w * p.detach() + (1 - w) * named[n.replace(".default.", f".{SHORT}.")].detach()
-                for n, p in lora_ops.lora_parameters(rec.model, "default").items()}
+        short = self.adapters.snapshot(SHORT)
+        return {n: w * p.detach() + (1 - w) * short[n.replace(".default.", f".{SHORT}.")]
+                for n, p in lora_ops.lora_parameters(rec.model, "default").items() if "lora_" in n}
 
     def _merged_scores(self, rec, samples, cands, w, batch_size=None):
         bs = batch_size or self.cfg.eval_batch_size
@@ -165,11 +164,11 @@ class LSAT(ContinualMethod):
             return self._merged_scores(rec, samples, candidates, w, batch_size)
         if w == 1:
             return rec.score_candidates(samples, candidates, batch_size)
-        rec.model.set_adapter(SHORT)
+        self.adapters.activate(SHORT)
         try:
             short = rec.score_candidates(samples, candidates, batch_size)
         finally:
-            rec.model.set_adapter("default")
+            self.adapters.activate("default")
         if w == 0:
             return short
         return w * rec.score_candidates(samples, candidates, batch_size) + (1 - w) * short
