@@ -160,11 +160,12 @@ def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
 PAPER_GROUPS = ("U_A", "U_I")  # the paper's U = U_A ∪ U_I; `new` users are reported on their own
 
 
-def _pooled(by_group: dict[str, np.ndarray]) -> np.ndarray:
-    """The "all" row: U_A ∪ U_I (never `new`), or the protocol's only group (leave-one-out's "all")."""
+def _pooled(by_group: dict[str, np.ndarray], groups=PAPER_GROUPS) -> np.ndarray:
+    """The "all" row: U_A ∪ U_I (never `new`), or the protocol's only group (leave-one-out's "all"); a protocol
+    whose description names `pooled_groups` pools those (peso_blocks: every user of the block, U_A and new)."""
     if "all" in by_group:
         return by_group["all"]
-    keys = [g for g in PAPER_GROUPS if g in by_group] or list(by_group)
+    keys = [g for g in groups if g in by_group] or list(by_group)
     return np.concatenate([by_group[g] for g in keys])
 
 
@@ -221,6 +222,7 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]
         splits.append(protocol.valid_splits[stage.eval_split])
     decoders = [d for d in (build_decoder(n, cfg) for n in eval_decoders(cfg)) if rec.kind == "llm" or not d.llm_only]
     rows, per_user = [], {}
+    pooled = tuple(protocol.description.get("pooled_groups", PAPER_GROUPS))
     for split in splits:
         name = split.name
         users = {g: np.array([s.user for s in samples], dtype=np.int64) for g, samples in split.samples.items()}
@@ -238,7 +240,7 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]
             if by_group:
                 rows += [{**head, "group": "all", "n_users": counts["users"], "metric": metric, "value": value}
                          for metric, value in decoder.count_rows(counts).items()]
-            rows += _metric_rows(head, by_group, users, decoder.name, name, decoder.ks(), cfg, per_user)
+            rows += _metric_rows(head, by_group, users, decoder.name, name, decoder.ks(), cfg, per_user, pooled)
         if rec.can_rank_all and cfg.eval.full_ranking:
             full = {}
             for group, samples in split.samples.items():
@@ -246,19 +248,19 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]
                     before = [protocol.data.sequences[s.user][: s.position] for s in samples]
                     full[group] = ranks_full(rec.score_all(samples), np.array([s.target for s in samples]), before)
             head = {"eval_mode": "full", "candidates": "all", **common}
-            rows += _metric_rows(head, full, users, "full", name, list(cfg.eval.ks), cfg, per_user)
+            rows += _metric_rows(head, full, users, "full", name, list(cfg.eval.ks), cfg, per_user, pooled)
     return rows, per_user
 
 
 def _metric_rows(head: dict, by_group: dict, users: dict, mode: str, split: str, ks: list[int], cfg,
-                 per_user: dict) -> list[dict]:
+                 per_user: dict, pooled=PAPER_GROUPS) -> list[dict]:
     """Metric rows (with bootstrap CIs) of every group and of the pooled "all"; per-user ranks into `per_user`.
     Rank -1 (not in a decoder's list) scores 0 in every metric."""
     if not by_group:
         return []
     for group, r in by_group.items():
         per_user[(mode, split, group)] = (users[group], r)
-    by_group = {**by_group, "all": _pooled(by_group)}
+    by_group = {**by_group, "all": _pooled(by_group, pooled)}
     return [{**head, "group": group, **m} for group, r in by_group.items()
             for m in summarise(r, ks, cfg.eval.n_boot, cfg.seed)]
 

@@ -176,7 +176,8 @@ SIMULATOR = {f"dataset.simulator.{k}": c for k, c in {
 DATASET_BY_READER = {"amazon2014_staged": {"dataset.folder": text()}, "mcauley2014": {"dataset.category": text()},
                      "amazon2018": {"dataset.category": text()}, "synthetic": SIMULATOR,
                      "recbole": {"dataset.folder": text(), "dataset.atomic_name": text(null=True),
-                                 "dataset.title_field": text()}}
+                                 "dataset.title_field": text()},
+                     "peso_blocks": {"dataset.folder": text()}}
 
 LORA = {"backbone.lora.r": integer(1), "backbone.lora.alpha": number(0, lo_open=True),
         "backbone.lora.dropout": number(0, 1, hi_open=True), "backbone.lora.target_modules": strings()}
@@ -237,6 +238,7 @@ STAGE_BY_NAME = {
     "stages": {"stage.first_share": number(0, 1, lo_open=True, hi_open=True),
                "stage.window_shares": numbers(0, 1, lo_open=True, hi_open=True), "stage.history_window": integer(1)},
     "leave_one_out": {"stage.history_window": integer(1)},
+    "peso_blocks": {"stage.history_window": integer(1), "stage.min_block_interactions": integer(1)},
 }
 
 _RECIPE = {f"recipe.{k}": c for k, c in {

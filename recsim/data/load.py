@@ -74,6 +74,11 @@ READERS: dict[str, Reader] = {
         sources=lambda c: readers.recbole_files(c["data_dir"], _need(c, "folder"), c.get("atomic_name")),
         args=("folder", "atomic_name", "title_field"),
     ),
+    "peso_blocks": Reader(
+        read=lambda c: readers.read_peso_blocks(c["data_dir"], _need(c, "folder")),
+        sources=lambda c: readers.peso_blocks_files(c["data_dir"], _need(c, "folder")),
+        args=("folder",),
+    ),
     "synthetic": Reader(
         read=lambda c: simulate(name=c["name"], **(c.get("simulator") or {})),
         sources=lambda c: [],

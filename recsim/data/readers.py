@@ -479,3 +479,116 @@ def read_recbole(
         items=frame,
         meta={"reader": "recbole", "folder": folder, "items_without_meta": sum(i not in titles for i in order)},
     )
+
+
+# ------------------------------------------------------------------------------ PESO's released blocks
+
+PESO_COMMIT = "edbec5f68ddc83e39f22a041f1f2eaf1c4ad172e"
+PESO_BLOCKS = 5  # block 0 = first 60% of the data by time, blocks 1-4 the later windows
+BLOCK_STRIDE = 10**7  # block-order stamp = block * BLOCK_STRIDE + position in the user's sequence
+PRE_BLOCK = -1  # block index of history that no block file lists as current (before the user's first block)
+
+
+def _peso_origin(folder: str) -> str:
+    name = Path(folder).name
+    return (
+        f"copy data/{name}.all.block_<b>.json.gz (b = 0..{PESO_BLOCKS - 1}; gzip the .json if needed) from "
+        f"github.com/hsyoo32/peso, commit {PESO_COMMIT}, folder data/, into <data_dir>/{folder}"
+    )
+
+
+def peso_blocks_files(data_dir: str | Path, folder: str) -> list[Path]:
+    """``<data_dir>/<folder>/<name>.all.block_<b>.json.gz`` for b = 0..4, ``name`` = the folder's last part."""
+    directory = Path(data_dir) / folder
+    name = Path(folder).name
+    return [directory / f"{name}.all.block_{b}.json.gz" for b in range(PESO_BLOCKS)]
+
+
+def _read_block(path: Path, origin: str) -> dict[str, tuple[list[str], list[str]]]:
+    """user -> (previous_block, current_block) of one block file, item ids as str."""
+    if not path.is_file():
+        raise _error(path, "file not found", origin)
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            block = json.load(handle)
+    except _GZIP_ERRORS as exc:
+        raise _error(path, f"truncated or corrupt gzip file ({exc})", origin)
+    except UnicodeDecodeError as exc:
+        raise _error(path, f"not UTF-8 text ({exc})", origin)
+    except ValueError as exc:
+        raise _error(path, f"not one JSON object ({exc})", origin)
+    if not isinstance(block, dict):
+        raise _error(path, "top level is not a JSON object {user_id: {...}}", origin)
+    out = {}
+    for user, entry in block.items():
+        lists = []
+        for field in ("previous_block", "current_block"):
+            value = entry.get(field) if isinstance(entry, dict) else None
+            if not isinstance(value, list) or not all(isinstance(i, (str, int)) and str(i) for i in value):
+                raise _error(path, f"user {user!r}: not a list of item ids", origin, None, field)
+            lists.append([str(i) for i in value])
+        out[str(user)] = (lists[0], lists[1])
+    return out
+
+
+def read_peso_blocks(data_dir: str | Path, folder: str) -> InteractionData:
+    """PESO's released continual blocks ``<data_dir>/<folder>/<name>.all.block_{0..4}.json.gz``.
+
+    Each file maps user -> {"previous_block": items before block b, "current_block": items inside block b,
+    chronological}. A user's sequence is the ``previous_block`` of the first block they appear in, then the
+    ``current_block`` of every block they appear in, in block order.
+
+    Choices (the files have no times and no titles):
+    - ``timestamp`` is a *block-order stamp*, not a time: ``block * 10**7 + position in the user's whole
+      sequence``, so order within a user is kept and ``stamp // 10**7`` is the block of the interaction.
+      History before a user's first block (that first block's ``previous_block``) gets block -1 (negative
+      stamps): no block lists it as current, so no protocol stage trains or tests on it. In the released
+      files it is always empty (users' first ``previous_block`` is []).
+    - A later block's ``previous_block`` must equal the user's sequence so far (blocks 0..b-1 as read);
+      any other list (items missing, reordered or extra, e.g. from a block file that left the user out)
+      is a DataFileError naming the file, the user and the first differing position, rather than a guess
+      at which block the odd items belong to. The released CDs and Video_Games files are consistent.
+    - ``title`` is ``"item <id>"`` (no titles exist; prompts are meant to show semantic IDs), ``rating`` NaN.
+      The authors' files are already filtered: use ``k_core: 0`` and ``drop_untitled: false``
+      (preprocessing still drops a repeated (user, item) pair; the released files have none).
+    """
+    paths = peso_blocks_files(data_dir, folder)
+    origin = _peso_origin(folder)
+    sequences: dict[str, list[str]] = {}  # user -> items so far, in order
+    blocks_of: dict[str, list[int]] = {}  # user -> block index of each item, aligned with sequences
+    for b, path in enumerate(paths):
+        for user, (previous, current) in _read_block(path, origin).items():
+            if user not in sequences:
+                sequences[user], blocks_of[user] = list(previous), [PRE_BLOCK] * len(previous)
+            elif previous != sequences[user]:
+                known = sequences[user]
+                at = next((i for i, (x, y) in enumerate(zip(previous, known)) if x != y), min(len(previous), len(known)))
+                raise _error(path, f"user {user!r}: previous_block ({len(previous)} items) disagrees with the "
+                             f"user's {len(known)} items of the earlier blocks, first at position {at}",
+                             origin, None, "previous_block")
+            sequences[user] += current
+            blocks_of[user] += [b] * len(current)
+    users, items, stamps = [], [], []
+    for user, seq in sequences.items():
+        if len(seq) >= BLOCK_STRIDE:
+            raise _error(paths[0], f"user {user!r} has {len(seq)} items, too many for block-order stamps", origin)
+        users += [user] * len(seq)
+        items += seq
+        stamps += [blk * BLOCK_STRIDE + pos for pos, blk in enumerate(blocks_of[user])]
+    interactions = pd.DataFrame(
+        {
+            "user_id": pd.Series(users, dtype="str"),
+            "item_id": pd.Series(items, dtype="str"),
+            "timestamp": np.asarray(stamps, dtype=np.int64),
+            "rating": np.full(len(items), np.nan, dtype=np.float64),
+        }
+    )
+    order = _item_order(interactions)
+    frame = _items_frame([{"item_id": i, "title": f"item {i}"} for i in order], ["item_id", "title"])
+    return InteractionData(
+        name=Path(folder).name,
+        interactions=interactions,
+        items=frame,
+        meta={"reader": "peso_blocks", "folder": folder, "timestamps": "block-order stamps, not times",
+              "block_of_stamp": "stamp // 10**7"},
+    )

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 from recsim.protocols.base import EncodedData, EvalSplit, Protocol, Sample, StageData, make_samples
 
-PROTOCOLS = ("two_period", "stages", "leave_one_out")
+PROTOCOLS = ("two_period", "stages", "leave_one_out", "peso_blocks")
 
 
 def build_protocol(cfg, data: EncodedData, users: Sequence[int] | None = None) -> Protocol:
@@ -22,6 +22,10 @@ def build_protocol(cfg, data: EncodedData, users: Sequence[int] | None = None) -
         from recsim.protocols.leave_one_out import build_leave_one_out
 
         return build_leave_one_out(data, cfg.get("history_window", 50), users)
+    if cfg.name == "peso_blocks":
+        from recsim.protocols.peso_blocks import build_peso_blocks
+
+        return build_peso_blocks(data, cfg.min_block_interactions, cfg.history_window, users)
     raise ValueError(f"stage.name={cfg.name!r} is not one of: {', '.join(PROTOCOLS)}")
 
 
