@@ -369,3 +369,19 @@ def test_every_run_of_a_scale_composes_and_validates(scale):
         for run in spec.runs:
             for ds in spec.datasets:
                 validate(compose([*run.overrides, f"dataset={ds}", *sc.overrides, f"seed={sc.seeds[0]}"]))
+
+
+def test_runs_on_absent_data_are_skipped_and_marked(tmp_path, monkeypatch, capsys):
+    """A table on raw files nobody downloaded is never run on another dataset: its jobs are skipped with the
+    missing file named, and its rows say "data not present"."""
+    from recsim.reproduce.launch import Job, missing_data, run_jobs
+
+    monkeypatch.setenv("RECSIM_DATA", str(tmp_path))
+    why = missing_data("books")
+    assert why is not None and str(tmp_path / "Books_5.json.gz") in why and "books.yaml" in why
+    assert missing_data("synthetic") is None
+    spy = Spy()
+    monkeypatch.setattr(reproduce.subprocess, "run", spy)
+    jobs = [Job("books", "peso", 1, ["method=peso", "dataset=books"], tmp_path / "out" / "books" / "peso_s1")]
+    assert run_jobs(jobs) == []
+    assert spy.calls == [] and "skipping 1 run(s) on books" in capsys.readouterr().err

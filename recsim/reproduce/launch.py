@@ -137,8 +137,9 @@ def run_jobs(jobs: list[Job], n_parallel: int = 1) -> list[Job]:
             if stale is not None:
                 print(f"recsim.reproduce: warning: {job.dir} is DONE but was launched with {stale}, not"
                       f" {job.overrides}; its numbers are used as they are (delete it to rerun)", file=sys.stderr)
-    print(f"recsim.reproduce: {len(jobs)} runs, {len(jobs) - len(todo)} already done, launching {len(todo)}",
-          file=sys.stderr)
+    done = sum(j.done for j in jobs)
+    print(f"recsim.reproduce: {len(jobs)} runs, {done} already done, {len(jobs) - done - len(todo)} skipped (no data),"
+          f" launching {len(todo)}", file=sys.stderr)
     failed = []
 
     def report(result, i):
