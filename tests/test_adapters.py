@@ -152,3 +152,36 @@ def test_save_and_load_round_trip_every_adapter_in_peft_format(tmp_path):
     third_adapters.load(tmp_path)
     assert third_adapters.names() == ["default", "short"]
     assert all(torch.equal(v, third_adapters.snapshot("short")[n]) for n, v in short.items())
+
+
+def test_save_load_with_item_token_rows_on_default(tmp_path):
+    """With semantic-ID token rows trained on "default" (peft's trainable-token deltas), extra LoRA-only adapters
+    still save and load (peft's own save_pretrained raised KeyError for them) and round-trip exactly."""
+    from omegaconf import OmegaConf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recsim.backbones.adapters import Adapters
+    from recsim.backbones.lora import add_lora
+
+    cfg = LlamaConfig(vocab_size=70, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    lora = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    model = add_lora(LlamaForCausalLM(cfg), lora, trainable_tokens=[66, 67, 68, 69])
+    ad = Adapters(model)
+    ad.add("stage1", seed=3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".stage1." in n or "trainable_tokens_delta" in n:
+                p.add_(torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()
+              if ".stage1." in n or "trainable_tokens_delta" in n}
+    ad.save(tmp_path / "a")
+    assert (tmp_path / "a" / "stage1" / "adapter_model.safetensors").is_file()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in before:
+                p.zero_()
+    ad.load(tmp_path / "a")
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n

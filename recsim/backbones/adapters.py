@@ -117,9 +117,23 @@ class Adapters:
                    for p in lora_ops.lora_parameters(self.model, n).values())
 
     def save(self, folder: str | Path) -> None:
-        """peft's format: "default" in `folder`, every other adapter in `folder/<name>`, plus the names list."""
+        """peft's format: "default" in `folder`, every other adapter in `folder/<name>` (adapter_config.json +
+        adapter_model.safetensors, keys without the adapter name, as peft writes them), plus the names list.
+        The other adapters are written here, not by peft's save_pretrained: with item-token rows on "default"
+        peft looks for every saved adapter's token deltas, which LoRA-only adapters do not have (KeyError)."""
+        import safetensors.torch
+
         folder = Path(folder)
-        self.model.save_pretrained(str(folder))
+        self.model.save_pretrained(str(folder), selected_adapters=["default"])
+        for name in self.names():
+            if name == "default":
+                continue
+            sub = folder / name
+            sub.mkdir(parents=True, exist_ok=True)
+            self.model.peft_config[name].save_pretrained(str(sub))
+            tensors = {k.replace(f".{name}.", "."): v.detach().contiguous().cpu()
+                       for k, v in lora_ops.lora_parameters(self.model, name).items()}
+            safetensors.torch.save_file(tensors, str(sub / "adapter_model.safetensors"))
         (folder / NAMES_FILE).write_text(json.dumps(self.names()) + "\n")
 
     @staticmethod
@@ -140,7 +154,21 @@ class Adapters:
             sub = folder if name == "default" else folder / name
             if not (sub / "adapter_config.json").is_file():
                 continue
-            set_peft_model_state_dict(self.model, load_peft_weights(str(sub)), adapter_name=name)
+            if name == "default":
+                set_peft_model_state_dict(self.model, load_peft_weights(str(sub)), adapter_name=name)
+                continue
+            own = lora_ops.lora_parameters(self.model, name)
+            saved = load_peft_weights(str(sub))
+            state = {}
+            for key, value in saved.items():  # peft's key -> this adapter's parameter (".lora_A.weight" -> ".lora_A.<name>.weight")
+                target = key.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}.")
+                if target not in own:
+                    raise ValueError(f"{sub}: tensor {key} matches no parameter of adapter {name!r}")
+                state[target] = value
+            missing = sorted(set(own) - set(state))
+            if missing:
+                raise ValueError(f"{sub}: adapter {name!r} lacks {len(missing)} tensors (e.g. {missing[0]})")
+            lora_ops.load_snapshot(self.model, state)
 
     # requires_grad of every parameter, so that peft's set_adapter changes none of them
     def _flags(self) -> dict[str, bool]:
