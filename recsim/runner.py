@@ -222,7 +222,7 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]
         splits.append(protocol.valid_splits[stage.eval_split])
     decoders = [d for d in (build_decoder(n, cfg) for n in eval_decoders(cfg)) if rec.kind == "llm" or not d.llm_only]
     rows, per_user = [], {}
-    pooled = tuple(protocol.description.get("pooled_groups", PAPER_GROUPS))
+    pooled = tuple(getattr(protocol, "description", {}).get("pooled_groups", PAPER_GROUPS))
     for split in splits:
         name = split.name
         users = {g: np.array([s.user for s in samples], dtype=np.int64) for g, samples in split.samples.items()}

