@@ -337,7 +337,7 @@ def _comparable(key: dict) -> dict:
     # renamed or added since: eval.modes is eval.decoders; no item_id meant titles
     if "modes" in key.get("eval", {}):
         key["eval"]["decoders"] = key["eval"].pop("modes")
-    if key.get("item_id", {"name": "title"}) == {"name": "title"}:
+    if key.get("item_id", {"name": "title"}) in ({"name": "title"}, {"name": "title", "dedup": "none"}):
         key.pop("item_id", None)
     for path, default in IGNORED_ACROSS_VERSIONS.items():
         node = key

@@ -264,7 +264,7 @@ _RECIPE_OPTIONAL = {
 RECIPE_OPTIONAL_BY_NAME = {"candidate_ranking": _RECIPE_OPTIONAL, "generative": _RECIPE_OPTIONAL}
 
 ITEM_ID_BY_NAME = {  # optional as a whole: configs written before item vocabularies existed mean item_id=title
-    "title": {},
+    "title": {"item_id.dedup": one_of("none", "suffix")},
     "semantic": {f"item_id.{k}": c for k, c in {
         "method": one_of("rqvae", "rkmeans"), "levels": integer(1, 26), "codebook_size": integer(2),
         "encoder": one_of("minilm", "backbone"), "seed": integer(0), "dedup": one_of("colliding", "all"),

@@ -127,3 +127,17 @@ def test_train_embeddings_all_keeps_tied_embeddings_tied():
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     assert head.weight.data_ptr() == emb.weight.data_ptr()
+
+
+def test_identical_titles_told_apart_for_the_beam(tmp_path):
+    """item_id.dedup=suffix: identical titles (Beauty has dozens) get distinct answers, so a trie can tell them apart;
+    the default leaves them as they are (candidate scoring, EvoRec's tables, unchanged)."""
+    data = _data()
+    data.titles[3] = data.titles[2]  # items 2 and 3 share a title
+    cfg = _cfg(tmp_path, {"name": "title", "dedup": "suffix"})
+    cfg.recipe = {"scoring": {"max_title_words": 12}}
+    vocab = build_vocabulary(cfg, data, tmp_path)
+    assert vocab.answers[2] == " Title 2" and vocab.answers[3] == " Title 2 (2)" and not vocab.cut_answers
+    assert vocab.report["collisions"]["items_in_collisions"] == 1
+    plain = build_vocabulary(_cfg(tmp_path, {"name": "title", "dedup": "none"}), data, tmp_path)
+    assert plain.answers[2] == plain.answers[3] and plain.cut_answers

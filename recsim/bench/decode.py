@@ -6,11 +6,12 @@ first `bench.users` users of stage 0's test split (every group, in the split's o
 decoder's whole cost: prompts, the model's steps, the trie or the nearest-item search, the ranks.
 
 Per decoder, in this order:
-    setup     one untimed-in-the-figures call on one user: builds what a decoder keeps per model (the beam's trie,
-              grounding's item embeddings, both cached on the recommender), reported as setup_seconds
+    setup     one call on one user, timed apart (setup_seconds): it builds what a decoder keeps per model (the
+              beam's trie, grounding's item embeddings of the whole catalogue, cached on the recommender)
     warm-up   `bench.warmup` calls on one batch (the decoder's `recipe.<name>.batch_size`, else `eval.batch_size`)
     timed     `bench.repeats` calls on all the users, each synchronised on the device (recsim.bench.timing):
-              ms/user = 1000 * seconds / users; the median and the min / max over the repeats
+              ms/user = 1000 * seconds / users; the median and the min / max over the repeats (with
+              bench.warmup=0 the first repeat pays the first full batch's allocations)
 Recall@10 / NDCG@10 (and @20 where a decoder lists 20 catalogue items) come from the first timed call's ranks;
 every repeat must give the same ranks (reported). The speed-up of a decoder is beam@10's median ms/user over its
 own (> 1: faster than the top-10 beam). For the beam, every `constrained_beam_search` call of the timed repeats is

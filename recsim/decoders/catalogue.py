@@ -41,8 +41,8 @@ class ConstrainedBeam(CatalogueDecoder):
             cache["trie"] = ItemTrie.from_ranker(rec.module, list(range(1, rec.num_items + 1)))
             if cache["trie"].collisions:
                 raise RuntimeError(f"{len(cache['trie'].collisions)} groups of items share an identifier (e.g. "
-                                   f"{cache['trie'].collisions[0]}): the beam could not tell them apart; use "
-                                   "item_id.dedup or an item vocabulary whose identifiers are distinct")
+                                   f"{cache['trie'].collisions[0]}): the beam could not tell them apart; set "
+                                   "item_id.dedup=suffix (titles) or item_id.dedup=colliding (semantic IDs)")
         return cache["trie"].to(rec.module.device)
 
     @torch.no_grad()

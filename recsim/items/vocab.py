@@ -55,7 +55,20 @@ def build_vocabulary(cfg, data: EncodedData, cache_dir: str | Path) -> ItemVocab
     if kind not in KINDS:
         raise ValueError(f"item_id.name={kind!r} is not one of: {', '.join(KINDS)}")
     if kind == "title":
-        return ItemVocabulary("title", list(data.titles), list(data.titles))
+        dedup = item_cfg.get("dedup", "none")
+        if dedup in (None, "none"):  # identical titles stay identical (candidate scoring never needs them apart)
+            return ItemVocabulary("title", list(data.titles), list(data.titles))
+        if dedup != "suffix":
+            raise ValueError(f"item_id.dedup={dedup!r}: expected none or suffix for item_id=title")
+        from recsim.models.prompts import distinct_titles
+
+        # the answers as the ranker would cut them, each told apart: more words, else " (2)", " (3)"...
+        cut = cfg.recipe.scoring.get("max_title_words") if cfg.get("recipe") else None
+        shown = distinct_titles([str(t) for t in data.titles[1:]], cut)
+        plain = [" ".join(str(t).split()[:cut]) if cut else str(t) for t in data.titles[1:]]
+        report = {"collisions": {"items_in_collisions": sum(a != b for a, b in zip(shown, plain))}}
+        return ItemVocabulary("title", list(data.titles), ["<pad>", *(" " + t for t in shown)], report=report,
+                              cut_answers=False)
     from recsim.items import semantic
 
     if kind == "semantic_released":
