@@ -11,6 +11,7 @@ than asked).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from recsim.eval.metrics import ranks_from_lists, ranks_from_scores
 
 
-class Decoder:
+class Decoder(ABC):
     name = "decoder"
     pool = "candidates"  # "candidates": the sample's 1 + negatives | "catalogue": every item
     llm_only = True
@@ -33,8 +34,9 @@ class Decoder:
         """The cut-offs this decoder's ranks support (a 3-title list has no HR@10)."""
         return list(self.cfg.eval.ks)
 
+    @abstractmethod
     def rank(self, method, rec, samples, candidates: np.ndarray, progress=None) -> tuple[np.ndarray, Counter]:
-        raise NotImplementedError
+        """0-based rank of each sample's target (-1: not listed) and the counts `count_rows` reports."""
 
     def count_rows(self, counts: Counter) -> dict[str, float]:
         """Figures reported beside the metrics (metric name -> value) from the summed counts of every group."""
@@ -94,8 +96,9 @@ def ranks_of_lists(lists: np.ndarray, samples, num_items: int, top_k: int) -> tu
 class CatalogueDecoder(Decoder):
     pool = "catalogue"
 
+    @abstractmethod
     def top_k(self) -> int:
-        raise NotImplementedError
+        """How many items the decoder lists per user."""
 
     def ks(self):
         return [k for k in self.cfg.eval.ks if k <= self.top_k()]

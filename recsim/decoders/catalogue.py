@@ -10,7 +10,6 @@ on the base model only.
 
 from __future__ import annotations
 
-from collections import Counter
 
 import numpy as np
 import torch
@@ -53,7 +52,7 @@ class ConstrainedBeam(CatalogueDecoder):
         trie, step, module = self.trie(rec), method.decode_step(rec), rec.module
         was_training = module.training
         module.eval()
-        lists, timer = [], {}
+        lists, self.timer = [], {}  # seconds in trie ops / model steps / search, for the decode benchmark
         batches = range(0, len(samples), int(b.batch_size))
         for start in progress(batches) if progress else batches:
             chunk = samples[start : start + int(b.batch_size)]
@@ -62,11 +61,10 @@ class ConstrainedBeam(CatalogueDecoder):
                                                   max_new_tokens=b.get("max_new_tokens"),
                                                   pad_id=module.tok.pad_token_id,
                                                   length_penalty=float(b.length_penalty), device=module.device,
-                                                  timer=timer)
+                                                  timer=self.timer)
             lists.append(items)
         module.train(was_training)
-        ranks, counts = ranks_of_lists(np.concatenate(lists), samples, rec.num_items, self.top_k())
-        return ranks, counts
+        return ranks_of_lists(np.concatenate(lists), samples, rec.num_items, self.top_k())
 
 
 class Grounding(CatalogueDecoder):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def item_embeddings(cfg, titles: list[str], cache_dir: Path):
     else:
         raise ValueError(f"item_id.encoder={encoder!r}: expected minilm or backbone")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp{__import__('os').getpid()}.npy")
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npy")
     np.save(tmp, emb)
     tmp.replace(path)
     return emb
