@@ -327,7 +327,7 @@ ANY = object()
 # before them (a key holding it compares equal to one written before the setting existed)
 IGNORED_ACROSS_VERSIONS = {("eval", "batch_size"): ANY, ("eval", "kl_batch_size"): ANY,
                            ("recipe", "scoring", "pad_to_multiple_of"): ANY, ("recipe", "scoring", "compile"): ANY,
-                           ("recipe", "scoring", "fp32"): False}
+                           ("recipe", "scoring", "fp32"): False, ("recipe", "decoders"): ["candidates"]}
 
 
 def _comparable(key: dict) -> dict:
