@@ -264,3 +264,16 @@ def test_grounding_embeds_with_the_base_model_and_ranks_by_l2(ranker):
     assert (got[:2, : len(items)] == np.asarray(items)[order]).all() and (got[:2, len(items) :] == -1).all()
     np.testing.assert_allclose(dist[:2, : len(items)], np.sort(brute.numpy(), 1), rtol=1e-4, atol=1e-4)
     assert (got[2] == -1).all() and np.isinf(dist[2]).all()
+
+
+def test_distinct_identifiers_are_never_cut_to_the_answer_token_cap(ranker):
+    """Titles told apart only past `scoring.max_answer_tokens` (item_id.dedup=suffix adds words) must stay apart in
+    the trie: answers given by the vocabulary are whole, plain titles keep the cap."""
+    long = "Oral Care Replacement Brush Heads for Every Electric Toothbrush Model Sold In Stores Today"
+    answers = ["<pad>", f" {long} Soft", f" {long} Firm"]
+    capped = OmegaConf.create({**OmegaConf.to_container(ranker.scoring_cfg), "max_answer_tokens": 4})
+    given = LLMRanker(ranker.model, ranker.tok, answers, ranker.prompt_cfg, capped, ranker.optim_cfg, answers=answers)
+    assert len(given.answer_ids(1)) > 5 and given.answer_ids(1) != given.answer_ids(2)
+    assert not ItemTrie.from_ranker(given, [1, 2]).collisions
+    plain = LLMRanker(ranker.model, ranker.tok, answers, ranker.prompt_cfg, capped, ranker.optim_cfg)
+    assert plain.answer_ids(1) == plain.answer_ids(2) and len(plain.answer_ids(1)) == 4 + 1  # cap + EOS

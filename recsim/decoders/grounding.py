@@ -108,9 +108,9 @@ def ground(ranker, samples, item_matrix: torch.Tensor, items: list[int], top_k: 
            max_new_tokens: int | None = None, step=None, use_adapter: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """BIGRec end to end: each sample's prompt (`ranker.prompt_ids(sample.history)`) continued greedily by
     `free_generation` (with `step`, default the active adapter), then `nearest_items`. `max_new_tokens`
-    default: `scoring.max_answer_tokens` + 1, the longest identifier `answer_ids` can give (EOS included)."""
+    default: the longest identifier `answer_ids` gives over `items` (EOS included)."""
     if max_new_tokens is None:
-        max_new_tokens = int(ranker.scoring_cfg.max_answer_tokens) + 1
+        max_new_tokens = max(len(ranker.answer_ids(int(i))) for i in items)
     written = free_generation(ranker, [ranker.prompt_ids(s.history) for s in samples], max_new_tokens, batch_size,
                               step=step)
     return nearest_items(ranker, written, item_matrix, items, top_k, batch_size, use_adapter=use_adapter)

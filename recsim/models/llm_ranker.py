@@ -84,7 +84,8 @@ class LLMRanker(L.LightningModule):
     def __init__(self, model, tokenizer, titles: list[str], prompt_cfg, scoring_cfg, optim_cfg,
                  pad_to_multiple_of: int | None = None, answers: list[str] | None = None):
         """`titles[i]`: what the prompt shows for item i; `answers[i]`: what the model emits for it, as it is
-        (semantic-ID code strings); None: the title, cut to `scoring.max_title_words` (recsim.items.vocab)."""
+        (semantic-ID code strings, titles told apart), never cut to `scoring.max_answer_tokens`; None: the title, cut
+        to `scoring.max_title_words` words and `scoring.max_answer_tokens` tokens (recsim.items.vocab)."""
         super().__init__()
         self.answers = answers
         self.pad_to_multiple_of = pad_to_multiple_of  # training batches' width (compiled shapes: fewer of them)
@@ -129,9 +130,9 @@ class LLMRanker(L.LightningModule):
         if item not in self._answer_ids:
             if self.answers is None:
                 text = answer_text(self.titles[item], self.scoring_cfg.max_title_words)
-            else:
-                text = self.answers[item]
-            ids = self.tok(text, add_special_tokens=False).input_ids[: self.scoring_cfg.max_answer_tokens]
+                ids = self.tok(text, add_special_tokens=False).input_ids[: self.scoring_cfg.max_answer_tokens]
+            else:  # identifiers made distinct by the vocabulary stay whole: a token cap could merge two of them
+                ids = self.tok(self.answers[item], add_special_tokens=False).input_ids
             self._answer_ids[item] = ids + [self.tok.eos_token_id]
         return self._answer_ids[item]
 
