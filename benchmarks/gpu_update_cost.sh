@@ -69,6 +69,8 @@ for m, e in eff.items():
     notes = []
     if "filter_seconds" in e:
         notes.append(f"filter {e['filter_seconds']:.1f} s")
+    if e.get("offline_seconds"):
+        notes.append(f"not counted: filter pre-training {e['offline_seconds']:.1f} s (alongside; wall {e['wall_seconds']:.1f} s)")
     if "located_layers" in e:
         notes.append(f"layers {e['located_layers']}")
     if "kl_pool" in e:

@@ -204,7 +204,8 @@ METHOD_BY_NAME = {
     "base": {}, "finetune": {}, "retrain": {},
     "evorec": {f"method.{k}": c for k, c in {
         "t": number(0, 1, lo_open=True), "k": integer(0), "lam": number(0), "filter": text(),
-        "forget_scope": one_of("window", "all"), "kl_samples": integer(1), "kl_batch_size": integer(1),
+        "forget_scope": one_of("window", "all"), "filter_pretrain": one_of("alongside", "in_update"),
+        "kl_samples": integer(1), "kl_batch_size": integer(1),
         "locate.rule": one_of("mean_cosine", "vote"), "locate.pooling": one_of("last", "mean"),
         "locate.max_users": integer(1), "kl.positions": one_of("answer", "all"),
         "kl.reduction": one_of("token_mean", "sum"), "forget_backfill": boolean(),

@@ -31,6 +31,29 @@ def test_fit_stage_asks_the_method_whose_schedule_to_use():
     assert asked == [0]
 
 
+def test_offline_work_is_timed_but_not_counted_as_the_update(monkeypatch):
+    """EvoRec's filter pre-training (pre-T data, run alongside the previous training in the paper) is reported as
+    offline_seconds and wall_seconds keeps it; update_seconds is the rest."""
+    import time
+
+    monkeypatch.setattr(runner, "train", lambda *a, **k: time.sleep(0.05))
+    rec = SimpleNamespace(module=torch.nn.Linear(1, 1), tracked_parameters=dict,
+                          schedule=lambda i, validated=True: (OmegaConf.create({"epochs": 1}), 8))
+    method = ContinualMethod(None)
+
+    def samples(stage, rec):
+        time.sleep(0.3)
+        method.report["offline_seconds"] = 0.3
+        return [Sample(1, (1,), 2, 1)]
+
+    method.training_samples, method.before_update, method.after_update = samples, lambda *a: None, lambda *a: None
+    cfg = OmegaConf.create({"seed": 0, "trainer": {"accelerator": "cpu", "max_train_samples": None}})
+    eff = runner.fit_stage(cfg, SimpleNamespace(index=1), rec, method, out=None)
+    assert eff["wall_seconds"] >= 0.35 and eff["offline_seconds"] == 0.3
+    assert eff["update_seconds"] == pytest.approx(eff["wall_seconds"] - 0.3)
+    assert 0.04 <= eff["update_seconds"] < 0.3
+
+
 def test_ranks_from_lists_by_hand():
     ranks = ranks_from_lists([[3, 1, 7], [2], [], [5, 5, 9]], [1, 5, 4, 9])
     assert ranks.tolist() == [1, -1, -1, 2] and ranks.dtype == np.int64

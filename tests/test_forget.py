@@ -289,3 +289,22 @@ def test_bad_backfill_setting_is_rejected():
     method.protocol = SimpleNamespace(window=20, data=SimpleNamespace(num_items=6))
     with pytest.raises(ValueError, match="method.forget_backfill='sometimes': expected true or false"):
         method.training_samples(hand_stage(), SimpleNamespace(history_shown=2))
+
+
+@pytest.mark.parametrize("when,offline", [("alongside", 2.5), ("in_update", None)])
+def test_filter_pretraining_runs_alongside_unless_asked(monkeypatch, when, offline):
+    """The paper: SASRec's pre-training runs alongside the LLM's training (no added latency), its fine-tune is part
+    of the update. `alongside` reports the pre-training as offline_seconds (not counted by fit_stage); `in_update`
+    does not."""
+    from types import SimpleNamespace
+
+    from recsim.methods import forget
+    from recsim.methods.evorec import EvoRec
+
+    monkeypatch.setattr(forget, "train_filter", lambda *a, **k: SimpleNamespace(
+        model=hand_filter(), pretrain_seconds=2.5, finetune_seconds=0.5))
+    method = EvoRec(compose(["method=evorec", "method.k=1", f"method.filter_pretrain={when}"]).method)
+    method.protocol = SimpleNamespace(window=20, data=SimpleNamespace(num_items=6))
+    method.training_samples(hand_stage(), SimpleNamespace(history_shown=None))
+    assert method.report["filter_seconds"] == 3.0 and method.report["filter_pretrain_seconds"] == 2.5
+    assert method.report.get("offline_seconds") == offline
