@@ -8,6 +8,7 @@ the same command on the same output dir resumes after the last finished stage. S
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -72,12 +73,17 @@ def training_loader(cfg, rec, samples, batch_size: int, seed: int) -> DataLoader
     less padding per step, from transformers' seeded mega-batch sampler (see conf/trainer/default.yaml)."""
     generator = torch.Generator().manual_seed(seed)
     pin = uses_gpu(cfg.trainer.get("accelerator", "auto"))  # page-locked batches: the copy to the GPU does not block the host
+    collate = rec.collate
+    if cfg.trainer.get("static_shapes") and hasattr(rec, "sample_length"):
+        # every batch as wide as the fit's longest sample, rounded up: one shape a fit (the last batch: fewer rows)
+        multiple = int(cfg.trainer.get("pad_to_multiple_of") or 8)
+        collate = functools.partial(rec.collate, width=-(-max(map(rec.sample_length, samples)) // multiple) * multiple)
     if cfg.trainer.get("group_by_length") and hasattr(rec, "sample_length"):
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         sampler = LengthGroupedSampler(batch_size, lengths=[rec.sample_length(s) for s in samples], generator=generator)
-        return DataLoader(samples, batch_size=batch_size, sampler=sampler, collate_fn=rec.collate, pin_memory=pin)
-    return DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=rec.collate, generator=generator,
+        return DataLoader(samples, batch_size=batch_size, sampler=sampler, collate_fn=collate, pin_memory=pin)
+    return DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator,
                       pin_memory=pin)
 
 
@@ -314,7 +320,7 @@ def base_stage_key(cfg) -> dict:
     keyed["trainer"] = {k: plain(t.get(k)) for k in ("base", "batch_size", "max_train_samples", "precision",
                                                      "gradient_clip_val", "accumulate_grad_batches", "devices",
                                                      "num_nodes", "strategy", "compile", "compile_mode",
-                                                     "group_by_length", "pad_to_multiple_of")}
+                                                     "group_by_length", "pad_to_multiple_of", "static_shapes")}
     dataset = plain(cfg.dataset)
     dataset["data_dir"] = dataset.get("data_dir") or default_data_dir()  # as load_dataset finds it
     reader = READERS.get(dataset.get("reader"))
@@ -330,7 +336,8 @@ ANY = object()
 # before them (a key holding it compares equal to one written before the setting existed)
 IGNORED_ACROSS_VERSIONS = {("eval", "batch_size"): ANY, ("eval", "kl_batch_size"): ANY,
                            ("recipe", "scoring", "pad_to_multiple_of"): ANY, ("recipe", "scoring", "compile"): ANY,
-                           ("recipe", "scoring", "fp32"): False, ("recipe", "decoders"): ["candidates"]}
+                           ("recipe", "scoring", "fp32"): False, ("recipe", "decoders"): ["candidates"],
+                           ("trainer", "static_shapes"): False}
 
 
 def _comparable(key: dict) -> dict:

@@ -150,7 +150,7 @@ TRAINER_OPTIONAL = {
                              "auto, an integer >= 1 or a list of device indices"),
     "trainer.strategy": text(), "trainer.accumulate_grad_batches": integer(1), "trainer.compile": boolean(),
     "trainer.compile_mode": one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", null=True),
-    "trainer.pad_to_multiple_of": integer(1, null=True),
+    "trainer.pad_to_multiple_of": integer(1, null=True), "trainer.static_shapes": boolean(),
     "trainer.reuse_freed_memory": boolean(),
     "trainer.group_by_length": boolean(), "trainer.log_every_n_steps": integer(1),
     "trainer.num_nodes": integer(1),

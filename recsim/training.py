@@ -48,16 +48,33 @@ def compile_targets(pl_module) -> list[torch.nn.Module]:
     return [net if isinstance(net, torch.nn.Module) else pl_module]
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+
+
 class CompileModel(lightning.Callback):
-    """Compile the module's networks in place once, when the Trainer sets it up (see the module doc)."""
+    """Compile the module's networks in place once, when the Trainer sets it up (see the module doc).
+
+    In the CUDA-graph modes shapes are kept static (no automatic dynamic shapes: a graph is recorded per shape,
+    which `trainer.static_shapes` keeps to two a fit) with room for the 30 blocks x a few shapes in dynamo's
+    cache, and each training step is marked as a new step of the graph tree (outputs of the previous step's
+    graphs may then be overwritten)."""
 
     def __init__(self, mode: str | None = None):
         self.mode = mode
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.mode in CUDA_GRAPH_MODES:
+            import torch._dynamo
+
+            torch._dynamo.config.automatic_dynamic_shapes = False
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for net in compile_targets(pl_module):
             if getattr(net, "_compiled_call_impl", None) is None:  # a module fitted twice compiles once
                 net.compile(**({"mode": self.mode} if self.mode else {}))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
 
 
 def build_trainer(trainer_cfg: Mapping | None, *, max_epochs: int, max_steps: int | None = None, loggers=False,

@@ -202,3 +202,84 @@ def test_group_by_length_batches_similar_lengths_and_is_seeded():
     assert padded(grouped) < 0.75 * padded(shuffled)  # hand check: sorted mega-batches of 400 ≈ no padding
     assert grouped == list(training_loader(cfg, _Lengths(), lengths, 8, seed=3))  # same seed, same batches
     assert grouped != list(training_loader(cfg, _Lengths(), lengths, 8, seed=4))
+
+
+@pytest.fixture(scope="module")
+def tiny_ranker():
+    import os
+
+    from recsim.backbones import lora as lora_ops
+    from recsim.backbones.llm import load_base_model, load_tokenizer
+    from recsim.models.llm_ranker import LLMRanker
+
+    from conftest import REPO
+
+    cfg = OmegaConf.load(REPO / "recsim/conf/backbone/tiny_llama.yaml")
+    cache = os.environ["RECSIM_CACHE"]
+    model = lora_ops.add_lora(load_base_model(cfg, cache, seed=0), cfg.lora)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # a fresh LoRA is the identity; make the adapter matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    titles = ["<pad>", "Rose Lipstick", "Plum Nail Polish In A Very Long Bottle", "Coral Blush", "Ruby Gloss"]
+    prompt = OmegaConf.create({"template": "History:\n{history}\nNext:", "max_history": 10, "max_title_words": 8,
+                               "max_prompt_tokens": 512})
+    scoring = OmegaConf.create({"normalize": "sum", "max_title_words": None, "max_answer_tokens": 32})
+    return LLMRanker(model, load_tokenizer(cfg, cache), titles, prompt, scoring,
+                     OmegaConf.create({"lr": 1e-2, "weight_decay": 0}))
+
+
+def _samples():
+    from recsim.protocols.base import Sample
+
+    return [Sample(0, (1,), 2, 1), Sample(1, (2, 3, 4), 1, 3), Sample(2, (3,), 4, 1)]
+
+
+def test_a_fixed_width_pads_every_batch_to_it_and_changes_no_loss(tiny_ranker):
+    r = tiny_ranker.eval()  # no dropout: the two losses are comparable
+    plain = r.collate(_samples())
+    wide = plain["input_ids"].shape[1] + 13
+    static = r.collate(_samples()[:2], width=wide)
+    assert static["input_ids"].shape == (2, wide)
+    assert static["attention_mask"][:, :13].sum() == 0  # the added columns are left padding
+    with torch.no_grad():
+        a, b = r.training_step(r.collate(_samples(), width=wide), 0), r.training_step(plain, 0)
+    assert float(a) == pytest.approx(float(b), abs=1e-5)
+    with pytest.raises(ValueError, match="exceeds the fixed width 4"):
+        r.collate(_samples(), width=4)
+
+
+def test_static_shapes_give_one_width_per_fit(tiny_ranker):
+    from types import SimpleNamespace
+
+    from recsim.runner import training_loader
+
+    rec = SimpleNamespace(collate=tiny_ranker.collate, sample_length=tiny_ranker.sample_length)
+    longest = max(tiny_ranker.sample_length(s) for s in _samples())
+    for static, multiple in ((True, None), (True, 16), (False, None)):
+        cfg = OmegaConf.create({"trainer": {"static_shapes": static, "pad_to_multiple_of": multiple}})
+        widths = {b["input_ids"].shape[1] for b in training_loader(cfg, rec, _samples(), 1, seed=0)}
+        if static:
+            m = multiple or 8
+            assert widths == {-(-longest // m) * m}  # every batch as wide as the longest sample, rounded up
+        else:
+            assert len(widths) > 1  # one sample a batch: each its own width
+
+
+def test_cuda_graph_modes_keep_shapes_static_and_mark_each_step(monkeypatch):
+    import torch._dynamo
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    module = torch.nn.Module()
+    module.compile_targets = lambda: []
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=True, recompile_limit=8):  # restored after
+        CompileModel(None).setup(None, module, "fit")
+        assert torch._dynamo.config.automatic_dynamic_shapes is True  # the default mode leaves dynamo as it is
+        CompileModel(None).on_train_batch_start(None, module, None, 0)
+        assert marks == []
+        graphs = CompileModel("reduce-overhead")
+        graphs.setup(None, module, "fit")
+        graphs.on_train_batch_start(None, module, None, 0)
+        assert torch._dynamo.config.automatic_dynamic_shapes is False and torch._dynamo.config.recompile_limit == 64
+        assert marks == [1]

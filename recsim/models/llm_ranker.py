@@ -136,19 +136,22 @@ class LLMRanker(L.LightningModule):
             self._answer_ids[item] = ids + [self.tok.eos_token_id]
         return self._answer_ids[item]
 
-    def collate(self, samples: list[Sample]) -> dict:
+    def collate(self, samples: list[Sample], width: int | None = None) -> dict:
         """Left-padded prompt+answer sequences; labels are -100 except on the answer tokens.
 
         `answer_row` / `answer_col` [M] locate the states that predict the answer tokens (column t predicts
         token t+1), in the order of a boolean mask over the labels: indices known on the host, so picking
-        the answer states needs no device-to-host sync (a boolean mask's nonzero would, every step)."""
+        the answer states needs no device-to-host sync (a boolean mask's nonzero would, every step). `width`: pad
+        to exactly that many columns (trainer.static_shapes: one shape a fit, for CUDA graphs)."""
         seqs, labels, answer_lens, rows, cols = [], [], [], [], []
         for s in samples:
             p, a = self.prompt_ids(s.history), self.answer_ids(s.target)
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
             answer_lens.append(len(a))
-        width = max(map(len, seqs))
+        needed, width = max(map(len, seqs)), width or max(map(len, seqs))
+        if needed > width:
+            raise ValueError(f"a batch {needed} tokens wide exceeds the fixed width {width}")
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         for b, answer in enumerate(answer_lens):  # left padding: a row's answer ends at the last column

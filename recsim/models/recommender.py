@@ -75,8 +75,8 @@ class LLMRecommender:
         """How many of a sample's newest history items the prompt shows."""
         return int(self.cfg.recipe.prompt.max_history)
 
-    def collate(self, samples: list[Sample]) -> dict:
-        return self.module.collate(samples)
+    def collate(self, samples: list[Sample], width: int | None = None) -> dict:
+        return self.module.collate(samples, width)
 
     def sample_length(self, sample: Sample) -> int:
         return self.module.sample_length(sample)
