@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # recsim.bench on one GPU (issue 12's figures), each variant one process, beside the plain-loop reference.
 #   OUT=<dir> LIMIT=<path to lora_limit.py> bash benchmarks/gpu_bench.sh [part ...]
-#   parts: limit train train1b score fullrank profile compiled score2 tables (default: the first five); `tables`:
+#   parts: limit train train1b score fullrank profile compiled score2 tables static static1b score64 decode (default: the
+#   first five); `tables`:
 #   the gpu scale's own training setting (batch 16, eager) and its scoring pass (packed, 256 users), profiled,
 #   with the fp32 pass's speed and how far bf16 moves the scores from it (bench.agreement), and compiled.
 #   Each variant writes <OUT>/<name>.json + .log.
@@ -55,6 +56,27 @@ for part in $PARTS; do case $part in
            bench score_packed_b256_compiled score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed \
              eval.batch_size=256 recipe.scoring.compile=true bench.users=2048 bench.warmup=4
            bench train_b16_gpu_scale train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}" ;;
+  static)  # trainer.static_shapes: one width a fit, so CUDA graphs (reduce-overhead) record once; beside this lease's eager
+           bench train_b16_eager train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}"
+           bench train_b16_compile_static train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}" \
+             trainer.compile=true trainer.static_shapes=true trainer.pad_to_multiple_of=64 bench.warmup=8
+           bench train_b16_graphs_static train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}" \
+             trainer.compile=true trainer.compile_mode=reduce-overhead trainer.static_shapes=true \
+             trainer.pad_to_multiple_of=64 bench.warmup=20 bench.steps=60
+           bench train_b256_compile_static train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=256 "${FAST[@]}" \
+             trainer.compile=true trainer.static_shapes=true trainer.pad_to_multiple_of=64 bench.warmup=5 ;;
+  static1b) bench train_1b_b64_graphs_static train "${L1B[@]}" "${BEAUTY[@]}" trainer.batch_size=64 "${FAST[@]}" \
+             trainer.compile=true trainer.compile_mode=reduce-overhead trainer.static_shapes=true \
+             trainer.pad_to_multiple_of=64 bench.warmup=8 ;;
+  score64) # scoring with packed widths padded to a multiple of 64 (recipe.scoring.pad_to_multiple_of=auto on a GPU),
+           # with bf16's agreement with an fp32 pass (the share of users whose top-10 it keeps)
+           bench score_packed_b256_pad64 score backbone=smollm2_135m "${BEAUTY[@]}" recipe.scoring.kernel=packed \
+             eval.batch_size=256 bench.users=4096 bench.agreement=true ;;
+  decode)  # issue 13: trie-constrained beam search etc. over Beauty's semantic IDs (recsim's RQ-VAE, cached), untrained
+           # adapter: the times mean something, the Recall does not
+           bench decode_semantic_b64 decode dataset=beauty dataset.sample_users=5000 recipe=generative item_id=semantic \
+             trainer.progress_bar=false recipe.beam.batch_size=64 recipe.grounding.batch_size=64 bench.users=512 \
+             bench.repeats=3 bench.warmup=1 ;;
   fullrank) bench fullrank_synthetic fullrank backbone=sasrec bench.synthetic_scores=true bench.users=20000 bench.items=12000 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac; done
