@@ -2,7 +2,7 @@
 # One lease's measurements, run in the background (setsid) so they outlast the ~10-minute calls: the parts of
 # gpu_bench.sh given in PARTS, then (UPDATE_COST=1) benchmarks/gpu_update_cost.sh for all 7 methods on the
 # pretrained SmolLM2 (600 Beauty users, the settings of the earlier GPU ratio), each alone on the GPU.
-#   OUT=/tmp/lease PARTS="static score64 decode" UPDATE_COST=1 setsid nohup bash benchmarks/gpu_lease.sh &
+#   OUT=/tmp/lease PARTS="static score64" UPDATE_COST=1 LATE_PARTS=decode setsid nohup bash benchmarks/gpu_lease.sh &
 # Progress: $OUT/progress.log; $OUT/ALL_DONE at the end. Needs the staged environment of gpu_bench.sh.
 set -u
 OUT=${OUT:?output dir}; mkdir -p "$OUT"
@@ -20,4 +20,9 @@ if [ "${UPDATE_COST:-0}" = 1 ]; then
     bash benchmarks/gpu_update_cost.sh ${METHODS:-base finetune evorec retrain ewc ftkl lsat} >> "$OUT/update_cost.log" 2>&1
   log "update cost done"
 fi
+for part in ${LATE_PARTS:-}; do  # parts after the update cost (the least needed first if the lease runs out)
+  log "part $part"
+  OUT=$OUT/bench bash benchmarks/gpu_bench.sh "$part" >> "$OUT/bench.log" 2>&1
+  log "part $part done"
+done
 touch "$OUT/ALL_DONE"; log "all done"
