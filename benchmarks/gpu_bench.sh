@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # recsim.bench on one GPU (issue 12's figures), each variant one process, beside the plain-loop reference.
 #   OUT=<dir> LIMIT=<path to lora_limit.py> bash benchmarks/gpu_bench.sh [part ...]
-#   parts: limit train train1b score fullrank profile compiled score2 tables static static1b score64 decode (default: the
+#   parts: limit train train1b score fullrank profile compiled score2 tables static graphs static1b score64 decode (default: the
 #   first five); `tables`:
 #   the gpu scale's own training setting (batch 16, eager) and its scoring pass (packed, 256 users), profiled,
 #   with the fp32 pass's speed and how far bf16 moves the scores from it (bench.agreement), and compiled.
@@ -65,6 +65,10 @@ for part in $PARTS; do case $part in
              trainer.pad_to_multiple_of=64 bench.warmup=20 bench.steps=60
            bench train_b256_compile_static train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=256 "${FAST[@]}" \
              trainer.compile=true trainer.static_shapes=true trainer.pad_to_multiple_of=64 bench.warmup=5 ;;
+  graphs)  # CUDA graphs over length buckets (widths padded to 64, one graph each, no static width): less padding
+           bench train_b16_graphs_pad64 train backbone=smollm2_135m "${BEAUTY[@]}" trainer.batch_size=16 "${FAST[@]}" \
+             trainer.compile=true trainer.compile_mode=reduce-overhead trainer.pad_to_multiple_of=64 \
+             bench.warmup=40 bench.steps=80 ;;
   static1b) bench train_1b_b64_graphs_static train "${L1B[@]}" "${BEAUTY[@]}" trainer.batch_size=64 "${FAST[@]}" \
              trainer.compile=true trainer.compile_mode=reduce-overhead trainer.static_shapes=true \
              trainer.pad_to_multiple_of=64 bench.warmup=8 ;;
