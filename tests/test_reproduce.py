@@ -26,12 +26,18 @@ def test_every_spec_parses_and_names_its_runs():
     assert {s.key for s in specs} == {
         "evorec_main_beauty", "evorec_main_toys", "evorec_toys_efficiency", "evorec_ablation",
         "evorec_t_sensitivity", "evorec_lambda_sensitivity", "peso_blocks", "peso_main_books",
-        "peso_proximal_movies", "peso_lambda_instruments", "generative_beauty_loo"}  # fmt: skip
+        "peso_proximal_movies", "peso_lambda_instruments", "generative_beauty_loo", "l2d_titles",
+        "l2d_semantic"}  # fmt: skip
     for spec in specs:
         names = {r.name for r in spec.runs}
         assert set(spec.paper_numbers) <= names, spec.key
         if spec.key.startswith("evorec"):
             assert spec.eval_mode == "candidates" and spec.groups == ["U_A", "U_I"]
+        elif spec.key.startswith("l2d"):  # one generative model, a row per decoder; classic rows rank everything
+            assert spec.eval_mode == "beam" and spec.groups == ["all"]
+            decoders = {r.eval_mode or spec.eval_mode for r in spec.runs}
+            assert {"beam", "l2d_global", "l2d_local", "id_head"} <= decoders, spec.key
+            assert all(r.reads is None or r.eval_mode for r in spec.runs), spec.key
         else:  # generative: the whole catalogue through the trie-constrained beam, every spec's own decoder
             assert spec.eval_mode == "beam" and spec.groups == ["all"]
             assert any(o == "eval.decoders=[beam]" for o in spec.runs[0].overrides), spec.key
@@ -385,3 +391,68 @@ def test_runs_on_absent_data_are_skipped_and_marked(tmp_path, monkeypatch, capsy
     jobs = [Job("books", "peso", 1, ["method=peso", "dataset=books"], tmp_path / "out" / "books" / "peso_s1")]
     assert run_jobs(jobs) == []
     assert spy.calls == [] and "skipping 1 run(s) on books" in capsys.readouterr().err
+
+
+def test_a_row_can_read_another_runs_decoder(tmp_path, monkeypatch, no_plots):
+    """`reads` + `eval_mode`: one trained run, a row per decoder; nothing is launched for the reading row, and it
+    shows the rows of its own decoder."""
+    spec = {**SPEC, "runs": [*SPEC["runs"], {"name": "evo2_beam", "label": "EvoRec, beam", "reads": "evo2",
+                                              "eval_mode": "beam"}]}
+    spec["runs"][1] = {**spec["runs"][1], "overrides": [*spec["runs"][1]["overrides"], "eval.decoders=[candidates,beam]"]}
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    (folder / "fake.yaml").write_text(yaml.safe_dump(spec))
+    (folder / "scales.yaml").write_text(yaml.safe_dump(SCALES))
+    out = tmp_path / "out"
+    fill(out)
+    for seed in (1, 2, 3):  # the beam's rows beside the candidates' ones: U_A NDCG@3 = 0.1 * seed
+        f = out / "three" / "beauty" / f"evo2_s{seed}" / "results.csv"
+        df = pd.read_csv(f)
+        beam = df[df.eval_mode == "candidates"].assign(eval_mode="beam", candidates="all")
+        beam.loc[(beam.group == "U_A") & (beam.metric == "NDCG@3") & (beam.stage == 2) & (beam.split == "round2"),
+                 "value"] = 0.1 * seed
+        pd.concat([df, beam]).to_csv(f, index=False)
+    spy = Spy()
+    monkeypatch.setattr(reproduce.subprocess, "run", spy)
+    assert main(["--scale", "three", "--experiments", str(folder), "--out", str(out)]) == 0
+    assert spy.calls == []  # evo2_beam owns no directory: nothing to launch
+    md = (out / "three" / "TABLES.md").read_text()
+    assert table_row(md, "EvoRec, beam")[2].startswith("0.2000 ± ")  # mean of 0.1, 0.2, 0.3
+    assert table_row(md, "EvoRec, 2 rounds")[2].startswith("0.5000 ± ")  # the candidates' rows, as before
+    assert "evo2_s{1,2,3}` (3/3 done), decoder beam" in md and "per row (beam, candidates)" in md
+    for bad, match in ((dict(reads="nope"), "reads 'nope', not a run of this spec"),
+                       (dict(reads="evo2", overrides=["method=base"]), "no overrides of its own")):
+        spec["runs"][2] = {"name": "evo2_beam", "eval_mode": "beam", **bad}
+        (folder / "fake.yaml").write_text(yaml.safe_dump(spec))
+        with pytest.raises(SpecError, match=match):
+            load_specs(folder)
+
+
+def test_a_baseline_row_replaces_the_scales_backbone(tmp_path):
+    from recsim.reproduce.launch import plan
+    from recsim.reproduce.spec import Scale
+
+    spec = {**SPEC, "runs": [{"name": "base", "overrides": ["method=base"]},
+                             {"name": "sasrec", "overrides": ["method=base"], "backbone": "sasrec"}]}
+    spec["paper_numbers"] = {}
+    (tmp_path / "fake.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "scales.yaml").write_text(yaml.safe_dump(SCALES))
+    scale = Scale("s", "d", ["backbone=tiny_llama", "backbone.lora.r=4", "dataset.sample_users=9"], [1])
+    jobs = {j.run: j.overrides for j in plan(load_specs(tmp_path), scale, tmp_path / "out")}
+    assert jobs["base"] == ["method=base", "dataset=beauty", "backbone=tiny_llama", "backbone.lora.r=4",
+                            "dataset.sample_users=9", "seed=1"]
+    assert jobs["sasrec"] == ["method=base", "dataset=beauty", "dataset.sample_users=9", "backbone=sasrec", "seed=1"]
+
+
+def test_l2d_spec_numbers_are_the_papers():
+    """Every paper number of the L2D specs occurs in §3 of papers/README.md (the specs place them on other data,
+    which their notes say)."""
+    section = _section("## 3. L2D", "## 4. Distillation")
+    found = 0
+    for spec in load_specs(DEFAULT_EXPERIMENTS):
+        if spec.key.startswith("l2d"):
+            for numbers in spec.paper_numbers.values():
+                for value in numbers.values():
+                    found += 1
+                    assert re.search(rf"(?<![\d.]){re.escape(str(value))}(?![\d])", section), (spec.key, value)
+    assert found >= 7

@@ -7,6 +7,8 @@ models see the same string; the history is numbered, newest last. Titles are sho
 
 from __future__ import annotations
 
+from collections import Counter
+
 DEFAULT_TEMPLATE = (
     "A user bought these items, oldest first:\n{history}\n"
     "Which item will the user buy next?\nAnswer:"
@@ -29,7 +31,8 @@ def distinct_titles(titles: list[str], max_words: int | None) -> list[str]:
     cut = [min(len(w), max_words) if max_words else len(w) for w in words]
     while True:
         shown = [" ".join(w[:k]) for w, k in zip(words, cut)]
-        clash = [i for i, t in enumerate(shown) if shown.count(t) > 1 and cut[i] < len(words[i])]
+        counts = Counter(shown)  # not shown.count: quadratic, minutes over a 12k-item catalogue
+        clash = [i for i, t in enumerate(shown) if counts[t] > 1 and cut[i] < len(words[i])]
         if not clash:
             break
         for i in clash:

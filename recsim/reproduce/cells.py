@@ -62,7 +62,7 @@ def _from_agg(row: pd.Series, factor: float = 1.0) -> dict:
 def row_cells(spec: Spec, run: RunSpec, dataset: str, dirs: list[Path]) -> tuple[dict, dict]:
     """Cells of one table row from the finished run dirs of its seeds, and facts for the header.
 
-    Quality: rows of the spec's eval_mode at the highest stage, on that stage's own split, aggregated
+    Quality: rows of the run's eval_mode (else the spec's) at the highest stage, on that stage's own split, aggregated
     over seeds by recsim.tables.aggregate. Efficiency: per seed, the update stages (>= 1) reduced by sum
     (time, samples) or max (parameters, memory), then aggregated over seeds the same way.
     """
@@ -79,7 +79,8 @@ def row_cells(spec: Spec, run: RunSpec, dataset: str, dirs: list[Path]) -> tuple
     facts["backbone"] = sorted(df["backbone"].dropna().astype(str).unique())
     stages = pd.to_numeric(df["stage"], errors="coerce")
 
-    quality = df[(df["eval_mode"] == spec.eval_mode) & (df["group"] != EFFICIENCY_GROUP) & (df["split"] != "R")]
+    mode = run.eval_mode or spec.eval_mode
+    quality = df[(df["eval_mode"] == mode) & (df["group"] != EFFICIENCY_GROUP) & (df["split"] != "R")]
     radar = set(spec.radar_metrics) | set(spec.metrics)
     if len(quality):
         last = int(pd.to_numeric(quality["stage"]).max())
@@ -124,7 +125,7 @@ def build_rows(spec: Spec, scale: Scale, out: Path) -> list[TableRow]:
     rows = []
     for run in spec.runs:
         for ds in spec.datasets:
-            dirs = [run_dir(out, scale.name, ds, run.name, s) for s in scale.seeds]
+            dirs = [run_dir(out, scale.name, ds, run.source, s) for s in scale.seeds]
             finished = [d for d in dirs if (d / "DONE").is_file() and (d / "results.csv").is_file()]
             try:
                 cells, facts = row_cells(spec, run, ds, finished)

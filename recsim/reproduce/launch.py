@@ -81,8 +81,14 @@ def plan(specs: Sequence[Spec], scale: Scale, out: Path) -> list[Job]:
         for spec in specs:
             for ds in spec.datasets:
                 for run in spec.runs:
+                    if run.reads is not None:  # a row of another run's directories
+                        continue
                     d = run_dir(out, scale.name, ds, run.name, seed)
-                    overrides = [*run.overrides, f"dataset={ds}", *scale.overrides, f"seed={seed}"]
+                    scale_overrides = scale.overrides
+                    if run.backbone:  # a classic baseline: its own backbone instead of the scale's
+                        scale_overrides = [o for o in scale.overrides if not o.startswith(("backbone=", "backbone."))]
+                        scale_overrides.append(f"backbone={run.backbone}")
+                    overrides = [*run.overrides, f"dataset={ds}", *scale_overrides, f"seed={seed}"]
                     jobs.setdefault(d, Job(ds, run.name, seed, overrides, d))
     return list(jobs.values())
 

@@ -105,7 +105,8 @@ def stage_curve_points(spec: Spec, row: TableRow) -> dict[int, list[float]]:
     for d in row.facts["dirs"]:
         own = {int(s["index"]): s["eval_split"] for s in json.loads((d / "protocol.json").read_text())["stages"]}
         df = pd.read_csv(d / "results.csv")
-        sel = df[(df.eval_mode == spec.eval_mode) & (df.group == "all") & (df.metric == spec.stage_curve)]
+        mode = row.run.eval_mode or spec.eval_mode
+        sel = df[(df.eval_mode == mode) & (df.group == "all") & (df.metric == spec.stage_curve)]
         for stage, split in own.items():
             hit = sel[(pd.to_numeric(sel.stage) == stage) & (sel.split.astype(str) == split)]
             if len(hit):

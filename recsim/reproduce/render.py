@@ -48,6 +48,12 @@ def _seed_range(seeds: Sequence[int]) -> str:
     return "{" + ",".join(map(str, seeds)) + "}" if len(seeds) > 1 else str(seeds[0])
 
 
+def _modes(spec: Spec) -> str:
+    """The decoder(s) the rows read: the spec's, or each row's where rows differ."""
+    modes = sorted({r.eval_mode or spec.eval_mode for r in spec.runs})
+    return modes[0] if len(modes) == 1 else "per row (" + ", ".join(modes) + ")"
+
+
 def render_spec(spec: Spec, scale: Scale, rows: list[TableRow], rel: Path) -> str:
     """One spec's markdown section: header line, the table, notes, plots."""
     multi = len(spec.datasets) > 1
@@ -69,7 +75,7 @@ def render_spec(spec: Spec, scale: Scale, rows: list[TableRow], rel: Path) -> st
         f"backbone {', '.join(backbones) or '(no finished run)'}",
         f"seeds {', '.join(map(str, scale.seeds))}",
         f"users per group {'; '.join(users) or '–'} (evaluated, mean over runs and seeds)",
-        f"eval_mode {spec.eval_mode}" + (f" ({', '.join(cands)} candidates)" if cands else ""),
+        f"eval_mode {_modes(spec)}" + (f" ({', '.join(cands)} candidates)" if cands else ""),
         f"split {', '.join(splits) or '–'}: the last stage's own",
     ]
     lines = [f"## {spec.title}", "", f"Spec `{spec.path.name}`. Paper numbers: {spec.paper}", "",
@@ -85,7 +91,9 @@ def render_spec(spec: Spec, scale: Scale, rows: list[TableRow], rel: Path) -> st
     for r in rows:
         n_done = len(r.facts["dirs"])
         seeds = _seed_range(scale.seeds)
-        source = f"`{r.dataset}/{r.run.name}_s{seeds}` ({n_done}/{len(scale.seeds)} done)"
+        source = f"`{r.dataset}/{r.run.source}_s{seeds}` ({n_done}/{len(scale.seeds)} done)"
+        if r.run.eval_mode:
+            source += f", decoder {r.run.eval_mode}"
         if "error" in r.facts:
             source += f"; ERROR: {r.facts['error']}"
         if not r.facts["dirs"] and (why := missing_data(r.dataset)):

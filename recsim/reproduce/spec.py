@@ -33,7 +33,7 @@ EFFICIENCY = {
 SPEC_KEYS = {"title", "paper", "dataset", "metrics", "groups", "efficiency", "eval_mode", "runs",
              "paper_numbers", "note", "overrides", "radar_metrics", "paper_claims", "order",
              "stage_curve"}  # fmt: skip
-RUN_KEYS = {"name", "label", "overrides", "paper_source"}
+RUN_KEYS = {"name", "label", "overrides", "paper_source", "eval_mode", "reads", "backbone"}
 RESERVED = ("dataset=", "seed=", "hydra.run.dir=")  # set by reproduce itself
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a run name is a directory name
 
@@ -51,6 +51,16 @@ class RunSpec:
     label: str
     overrides: list[str]  # spec-wide overrides first, then the run's own
     paper_source: str | None = None
+    eval_mode: str | None = None  # the decoder whose rows this row reads; None: the spec's
+    reads: str | None = None  # another run of the spec whose directories this row reads (no run of its own):
+    # one trained model, a row per decoder
+    backbone: str | None = None  # a backbone in place of the scale's (and its backbone.* settings): a classic
+    # baseline (sasrec, gru4rec, alpharec) beside the scale's LLM
+
+    @property
+    def source(self) -> str:
+        """The run name whose directories hold this row's results."""
+        return self.reads or self.name
 
 
 @dataclass
@@ -114,19 +124,31 @@ def load_spec(path: str | Path) -> Spec:
     common = _str_list(raw.get("overrides"), "overrides", path)
     runs, seen = [], set()
     for entry in raw["runs"] or []:
-        if not isinstance(entry, dict) or not {"name", "overrides"} <= set(entry) or set(entry) - RUN_KEYS:
-            raise SpecError(f"{path}: a run is {{name, overrides[, label, paper_source]}}, got {entry!r}")
+        if not isinstance(entry, dict) or not ({"name", "overrides"} <= set(entry) or {"name", "reads"} <= set(entry)) \
+                or set(entry) - RUN_KEYS:
+            raise SpecError(f"{path}: a run is {{name, overrides | reads[, label, paper_source, eval_mode, "
+                            f"backbone]}}, got {entry!r}")
         name = str(entry["name"])
         if not NAME_RE.match(name) or name in seen:
             raise SpecError(f"{path}: run name {name!r} is repeated or not a valid directory name")
         seen.add(name)
-        own = _str_list(entry["overrides"], f"run {name}: overrides", path)
+        if "reads" in entry and "overrides" in entry:
+            raise SpecError(f"{path}: run {name}: `reads` takes another run's directories, so no overrides of its own")
+        own = _str_list(entry.get("overrides"), f"run {name}: overrides", path)
         reserved = [o for o in common + own if o.lstrip("+~").startswith(RESERVED)]
         if reserved:
             raise SpecError(f"{path}: run {name}: {reserved} are set by reproduce (dataset, seed, run dir)")
-        runs.append(RunSpec(name, str(entry.get("label") or name), common + own, entry.get("paper_source")))
+        runs.append(RunSpec(name, str(entry.get("label") or name), common + own, entry.get("paper_source"),
+                            entry.get("eval_mode"), entry.get("reads"), entry.get("backbone")))
     if not runs:
         raise SpecError(f"{path}: no runs")
+    owners = {r.name: r for r in runs if r.reads is None}
+    for r in runs:
+        if r.reads is not None and r.reads not in owners:
+            raise SpecError(f"{path}: run {r.name} reads {r.reads!r}, not a run of this spec with overrides of its "
+                            f"own ({sorted(owners)})")
+        if r.reads is not None:
+            r.overrides = owners[r.reads].overrides
     spec = Spec(
         key=path.stem, path=path, title=str(raw["title"]), paper=str(raw["paper"]).strip(),
         datasets=_str_list(raw["dataset"], "dataset", path), metrics=_str_list(raw["metrics"], "metrics", path),
@@ -138,11 +160,13 @@ def load_spec(path: str | Path) -> Spec:
         paper_claims=_str_list(raw.get("paper_claims"), "paper_claims", path), order=int(raw.get("order", 100)),
         stage_curve=raw.get("stage_curve"),
     )  # fmt: skip
-    if spec.eval_mode not in ("candidates", "full") and not any(
-        o.startswith(("eval.decoders=", "eval.modes=")) and spec.eval_mode in o for r in runs for o in r.overrides
-    ):  # candidates (and full, for models that rank all) are scored by default; other decoders are opt-in
-        raise SpecError(f"{path}: eval_mode {spec.eval_mode} needs eval.decoders=[...,{spec.eval_mode}] in"
-                        " the spec's overrides (and run names of their own: that is another setting)")
+    for r in runs:  # candidates (and full, for models that rank all) are scored by default; other decoders are opt-in
+        mode = r.eval_mode or spec.eval_mode
+        if mode not in ("candidates", "full") and not any(
+            o.startswith(("eval.decoders=", "eval.modes=", "decoder=")) and mode in o for o in r.overrides
+        ):
+            raise SpecError(f"{path}: run {r.name}: eval_mode {mode} needs eval.decoders=[...,{mode}] (or "
+                            f"decoder={mode}) in its overrides (and run names of their own: that is another setting)")
     bad_eff = [e for e in spec.efficiency if e not in EFFICIENCY]
     if bad_eff:
         raise SpecError(f"{path}: efficiency {bad_eff} unknown; known: {sorted(EFFICIENCY)}")
@@ -191,7 +215,9 @@ def check_shared_runs(specs: Sequence[Spec]) -> None:
     by_overrides: dict[tuple, tuple] = {}
     for spec in specs:
         for run in spec.runs:
-            canon = tuple(sorted(run.overrides))
+            if run.reads is not None:  # it owns no directory
+                continue
+            canon = tuple(sorted([*run.overrides, *([f"backbone={run.backbone}"] if run.backbone else [])]))
             for ds in spec.datasets:
                 where = (spec.path.name, run.name)
                 old = by_name.setdefault((ds, run.name), (canon, where))
