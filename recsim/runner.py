@@ -50,7 +50,11 @@ def build_recommender(cfg: DictConfig, data: EncodedData):
         from recsim.models.recommender import SequentialRecommender
 
         return SequentialRecommender(cfg, data, cfg.seed)
-    raise ValueError(f"backbone.kind={kind!r}: expected 'llm' or 'sequential'")
+    if kind == "graph":
+        from recsim.models.alpharec import AlphaRecRecommender
+
+        return AlphaRecRecommender(cfg, data, cfg.seed)
+    raise ValueError(f"backbone.kind={kind!r}: expected 'llm', 'sequential' or 'graph'")
 
 
 def _stage_seed(seed: int, stage: int) -> int:
@@ -215,21 +219,41 @@ def _kl_on_inactive_users(cfg, protocol, stage, rec, method, before: dict) -> fl
 
 
 def eval_decoders(cfg) -> list[str]:
-    """`eval.decoders`, or `eval.modes` of configs written before decoders existed (the same names)."""
+    """`eval.decoders`, or `eval.modes` of configs written before decoders existed (the same names), and the decoder
+    of a chosen `decoder=` group when they lack it."""
     names = cfg.eval.get("decoders")
-    return list(names if names is not None else cfg.eval.get("modes", ["candidates"]))
+    names = list(names if names is not None else cfg.eval.get("modes", ["candidates"]))
+    chosen = (cfg.get("decoder") or {}).get("name")
+    return names + [chosen] if chosen and chosen not in names else names
 
 
-def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]:
+DECODER_RECORD = "decoder.json"  # the `decoder` group a stage's rows were decoded with: it is not in the stage-0 key
+
+
+def _decoder_choice(cfg) -> dict | None:
+    chosen = cfg.get("decoder")
+    return OmegaConf.to_container(chosen, resolve=True) if chosen is not None else None
+
+
+def _decoded_with(folder: Path) -> dict | None:
+    path = folder / DECODER_RECORD
+    return json.loads(path.read_text())["decoder"] if path.is_file() else None  # none: written before the groups
+
+
+def evaluate_stage(cfg, protocol, rec, method, stage, stage_dir: Path | None = None) -> tuple[list[dict], dict]:
     """Scores every test split (or only the stage's own) and, with `eval.validation`, the stage's own
     validation split, with every decoder of `eval.decoders` (recsim.decoders) and, for models that can, a full
-    ranking of the catalogue. Returns result rows and the per-user ranks {(mode, split, group): (users, ranks)}."""
+    ranking of the catalogue. Returns result rows and the per-user ranks {(mode, split, group): (users, ranks)}.
+    Each decoder is prepared once first (`Decoder.prepare`), with `stage_dir` the folder the stage is written to
+    (L2D keeps its memory there; None: nothing is saved)."""
     from recsim.decoders import build_decoder
 
     splits = [protocol.splits[n] for n in (protocol.splits if cfg.eval.all_splits else [stage.eval_split])]
     if cfg.eval.validation and stage.eval_split in protocol.valid_splits:
         splits.append(protocol.valid_splits[stage.eval_split])
     decoders = [d for d in (build_decoder(n, cfg) for n in eval_decoders(cfg)) if rec.kind == "llm" or not d.llm_only]
+    for decoder in decoders:
+        decoder.prepare(method, rec, protocol, stage, stage_dir)
     rows, per_user = [], {}
     pooled = tuple(getattr(protocol, "description", {}).get("pooled_groups", PAPER_GROUPS))
     for split in splits:
@@ -259,6 +283,25 @@ def evaluate_stage(cfg, protocol, rec, method, stage) -> tuple[list[dict], dict]
             head = {"eval_mode": "full", "candidates": "all", **common}
             rows += _metric_rows(head, full, users, "full", name, list(cfg.eval.ks), cfg, per_user, pooled)
     return rows, per_user
+
+
+def _rescore_shared_stage(cfg, protocol, rec, method, stage, folder: Path, frame: pd.DataFrame,
+                          base_cols: dict) -> pd.DataFrame:
+    """A shared stage 0 decoded under another `decoder` group than this run's: its weights hold (the group changes
+    no training, so it is not in the key), its rows do not. Scores it again in `folder`; its cost rows are kept."""
+    before, now = (pd.json_normalize(d).iloc[0].to_dict() if d else {} for d in (_decoded_with(folder),
+                                                                               _decoder_choice(cfg)))
+    changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    log.info("shared stage 0 was decoded with other decoder settings (decoder.<key>: (then, now) %s): scoring it "
+             "again", changed)
+    method.load_state_dict(load_state(folder))
+    rec.load(folder)
+    rec.module.to(compute_device(cfg))
+    rows, ranks = evaluate_stage(cfg, protocol, rec, method, stage, stage_dir=folder)
+    save_ranks(folder / RANKS_FILE, ranks)
+    write_json(folder / DECODER_RECORD, {"decoder": _decoder_choice(cfg)})
+    quality = pd.DataFrame([{**base_cols, **r} for r in rows])
+    return pd.concat([quality, frame[frame.eval_mode == "-"]], ignore_index=True)
 
 
 def _metric_rows(head: dict, by_group: dict, users: dict, mode: str, split: str, ks: list[int], cfg,
@@ -431,6 +474,8 @@ def run(cfg: DictConfig) -> Path:
             shutil.copytree(shared, tmp, dirs_exist_ok=True)
             frame = pd.read_csv(tmp / "results.csv")
             frame = frame.drop(columns=[c for c in frame.columns if c.startswith("cfg.")]).assign(**base_cols)
+            if _decoded_with(tmp) != _decoder_choice(cfg):
+                frame = _rescore_shared_stage(cfg, protocol, rec, method, stage, tmp, frame, base_cols)
             write_csv(tmp / "results.csv", frame)
             publish_dir(tmp, stage_dir)
         if (stage_dir / "DONE").exists():
@@ -444,12 +489,14 @@ def run(cfg: DictConfig) -> Path:
             continue
         L.seed_everything(_stage_seed(cfg.seed, stage.index), workers=True)
         eff = fit_stage(cfg, stage, rec, method, out, protocol)
+        tmp = stage_dir.with_name(stage_dir.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
         if eff["train_samples"] == 0 and last_quality is not None:
             # no update ran, so the model is bit-for-bit the previous stage's: its scores are too
             quality = last_quality.assign(stage=stage.index, stage_name=stage.name)
         else:
             rec.module.to(compute_device(cfg))
-            rows, last_ranks = evaluate_stage(cfg, protocol, rec, method, stage)
+            rows, last_ranks = evaluate_stage(cfg, protocol, rec, method, stage, stage_dir=tmp)
             quality = pd.DataFrame([{**base_cols, **r} for r in rows])
         cost = [{**base_cols, "eval_mode": "-", "candidates": "-", "stage": stage.index, "stage_name": stage.name,
                  "split": "-", "group": "-", "metric": key, "value": float(eff[key])}
@@ -458,11 +505,10 @@ def run(cfg: DictConfig) -> Path:
                 if key in eff]
         frame = pd.concat([quality, pd.DataFrame(cost)], ignore_index=True)
         last_quality = quality
-        tmp = stage_dir.with_name(stage_dir.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
         rec.save(tmp)
         save_state(tmp, method.state_dict())
         save_ranks(tmp / RANKS_FILE, last_ranks)  # per-user ranks: paired comparisons between methods
+        write_json(tmp / DECODER_RECORD, {"decoder": _decoder_choice(cfg)})
         write_csv(tmp / "results.csv", frame)
         write_json(tmp / "efficiency.json", eff)
         write_text(tmp / "DONE", "")

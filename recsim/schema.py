@@ -124,10 +124,28 @@ EVAL = {
     "eval.validation": boolean(), "eval.kl_after_update": boolean(), "eval.kl_samples": integer(1),
     "eval.kl_batch_size": integer(1),
 }
-DECODER_NAMES = ("candidates", "generation", "beam", "grounding")  # = recsim.decoders.DECODERS (no torch import here)
+DECODER_NAMES = ("candidates", "generation", "beam", "grounding", "l2d_global", "l2d_local",
+                 "id_head")  # = recsim.decoders.DECODERS (no torch import here)
+LATENT_DECODERS = ("l2d_global", "l2d_local", "id_head")  # they need one hidden state per prompt
 # eval.decoders, or eval.modes in configs written before decoders existed (one of the two must be there)
 EVAL_DECODERS = {"eval.decoders": subset(*DECODER_NAMES)}
 EVAL_MODES = {"eval.modes": subset(*DECODER_NAMES)}
+
+# `decoder=<name>` (conf/decoder/): the chosen decoder's settings, checked by its name; a decoder whose settings
+# live in its recipe (recsim.decoders.base.decoder_settings) has an empty table
+_MEMORY = {"memory_ratio": number(0, 1, lo_open=True), "memory.samples": one_of("seen", "stage"),
+           "memory.save": boolean(), "batch_size": integer(1), "top_k": integer(1, null=True)}
+_SEARCH = {"search": one_of("auto", "faiss", "torch"), "index.approximate_above": integer(1, null=True),
+           "index.kind": one_of("ivf", "hnsw"), "index.nlist": integer(1, null=True), "index.nprobe": integer(1),
+           "index.hnsw_m": integer(2), "index.ef_search": integer(1)}
+_DECODER_SETTINGS = {
+    "l2d_global": {**_MEMORY, **_SEARCH},
+    "l2d_local": {**_MEMORY, **_SEARCH, "m": integer(1), "similarity": one_of("l2", "cosine"),
+                  "aggregation": one_of("mean", "count"), "local_fallback": one_of("global", "none")},
+    "id_head": {**_MEMORY, "train.epochs": integer(1), "train.lr": number(0, lo_open=True),
+                "train.batch_size": integer(1), "train.weight_decay": number(0)}}
+DECODER_BY_NAME = {name: {f"decoder.{k}": c for k, c in _DECODER_SETTINGS.get(name, {}).items()}
+                   for name in DECODER_NAMES}
 
 OPTIM = {"lr": number(0, lo_open=True), "weight_decay": number(0), "scheduler": one_of("constant", "cosine"),
          "epochs": integer(0), "max_steps": integer(1, null=True)}
@@ -168,6 +186,8 @@ DATASET = {
     "dataset.k_core": integer(0), "dataset.drop_untitled": boolean(), "dataset.max_title_words": integer(1, null=True),
     "dataset.sample_users": integer(1, null=True), "dataset.sample_seed": integer(0, null=True),
 }
+MONTH = Check(lambda v: isinstance(v, str) and re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", v) is not None,
+              "a month written YYYY-MM, e.g. 2017-10")
 SIMULATOR = {f"dataset.simulator.{k}": c for k, c in {
     "num_users": integer(1), "num_items": integer(1), "num_categories": integer(1), "interests_per_user": integer(1),
     "drift_share": number(0, 1), "drift_time": number(0, 1, lo_open=True, hi_open=True),
@@ -177,7 +197,11 @@ DATASET_BY_READER = {"amazon2014_staged": {"dataset.folder": text()}, "mcauley20
                      "amazon2018": {"dataset.category": text()}, "synthetic": SIMULATOR,
                      "recbole": {"dataset.folder": text(), "dataset.atomic_name": text(null=True),
                                  "dataset.title_field": text()},
-                     "peso_blocks": {"dataset.folder": text()}}
+                     "peso_blocks": {"dataset.folder": text()},
+                     "amazon2018_d3": {"dataset.category": text(), **{f"dataset.d3.{k}": c for k, c in {
+                         "reviews": one_of("full", "5core"), "window_start": MONTH, "window_end": MONTH,
+                         "min_items": integer(1), "earliest_year": integer(1),
+                         "max_title_words": integer(1, null=True)}.items()}}}
 
 LORA = {"backbone.lora.r": integer(1), "backbone.lora.alpha": number(0, lo_open=True),
         "backbone.lora.dropout": number(0, 1, hi_open=True), "backbone.lora.target_modules": strings()}
@@ -197,6 +221,17 @@ SEQUENTIAL = {f"backbone.{k}": c for k, c in {
 DROPOUT = number(0, 1, hi_open=True)
 MODEL_ARGS = {"sasrec": {"layers": integer(1), "heads": integer(1), "dropout": DROPOUT},
               "gru4rec": {"layers": integer(1), "dropout": DROPOUT}, "bpr_mf": {}}
+# backbone.kind: graph (recsim.models.alpharec; encoders restated: this file must not import torch)
+VALID_METRIC = Check(lambda v: isinstance(v, str) and re.fullmatch(r"(MRR|NDCG|HR|Recall)@[1-9][0-9]*", v) is not None,
+                     "NAME@K with NAME one of MRR, NDCG, HR, Recall and K >= 1, e.g. Recall@20")
+GRAPH = {f"backbone.{k}": c for k, c in {
+    "name": text(), "model": one_of("alpharec"), "encoder": one_of("minilm"), "hidden": integer(1),
+    "mlp_hidden": integer(1), "gcn_layers": integer(0), "tau": number(0, lo_open=True),
+    "negatives": Check(lambda v: v == "in_batch" or (_is_int(v) and v >= 1), "an integer >= 1 or in_batch"),
+    "max_len": integer(1), "lr": number(0, lo_open=True), "weight_decay": number(0), "grad_clip": number(0, null=True),
+    "epochs": integer(1), "batch_size": integer(1), "seed": integer(0, null=True)}.items()}
+EARLY_STOPPING = {"backbone.early_stopping.metric": VALID_METRIC, "backbone.early_stopping.patience": integer(1),
+                  "backbone.early_stopping.max_epochs": integer(1)}
 
 FILTER = {"kind": one_of(*MODEL_ARGS), "hidden": integer(1), "max_len": integer(1), "lr": number(0, lo_open=True),
           "loss": one_of("ce", "bpr"), "epochs": integer(0), "finetune_epochs": integer(0), "batch_size": integer(1)}
@@ -240,6 +275,7 @@ STAGE_BY_NAME = {
                "stage.window_shares": numbers(0, 1, lo_open=True, hi_open=True), "stage.history_window": integer(1)},
     "leave_one_out": {"stage.history_window": integer(1)},
     "peso_blocks": {"stage.history_window": integer(1), "stage.min_block_interactions": integer(1)},
+    "global_split": {"stage.shares": numbers(0, 1, lo_open=True, hi_open=True), "stage.history_window": integer(1)},
 }
 
 _RECIPE = {f"recipe.{k}": c for k, c in {
@@ -365,6 +401,12 @@ def config_errors(cfg: DictConfig) -> list[str]:
     c.table(EVAL_DECODERS if c.get("eval.decoders") is not _ABSENT or c.get("eval.modes") is _ABSENT else EVAL_MODES)
     if c.get("item_id") is not _ABSENT:
         c.table(c.option("item_id.name", ITEM_ID_BY_NAME))
+    if c.get("decoder") not in (_ABSENT, None):
+        if c.get("decoder.name") in DECODER_BY_NAME:
+            c.table(DECODER_BY_NAME[c.get("decoder.name")])
+        else:
+            name = c.get("decoder.name")
+            c.bad("decoder.name", None if name is _ABSENT else name, f"one of {', '.join(DECODER_NAMES)}")
     c.table(TRAINER_OPTIONAL, required=False)
     if c.get("logger.wandb") is True:
         c.table(WANDB)
@@ -377,8 +419,12 @@ def config_errors(cfg: DictConfig) -> list[str]:
     elif kind == "sequential":
         c.table(SEQUENTIAL)
         c.table({f"backbone.{k}": v for k, v in c.option("backbone.model", MODEL_ARGS, "sequential").items()})
+    elif kind == "graph":
+        c.table(GRAPH)
+        if c.get("backbone.early_stopping") not in (None, _ABSENT):  # null or absent: early stopping off
+            c.table(EARLY_STOPPING)
     else:
-        c.bad("backbone.kind", kind, "one of llm, sequential")
+        c.bad("backbone.kind", kind, "one of llm, sequential, graph")
 
     method = c.get("method.name")
     c.table(c.option("method.name", METHOD_BY_NAME, "method"))
@@ -417,6 +463,12 @@ def _cross_checks(c: _Checker) -> None:
             if not m or (m.group(2) and int(m.group(2)) not in ks):
                 c.bad(key, name, f"HR@K, NDCG@K or Recall@K with K in eval.ks={ks}, or MRR")
     decoders = g("eval.decoders") if g("eval.decoders") is not _ABSENT else g("eval.modes")
+    if g("decoder") not in (_ABSENT, None) and g("decoder.name") not in decoders:
+        decoders = [*decoders, g("decoder.name")]  # a chosen decoder group runs too (recsim.runner.eval_decoders)
+    latent = [d for d in decoders if d in LATENT_DECODERS]
+    if latent and g("method.name") == "lsat" and g("method.combine") == "ensemble":
+        c.bad("method.combine", "ensemble", f"merge with the latent decoders {', '.join(latent)}: LSAT's ensemble "
+              "fuses two adapters' predictions, not hidden states")
     if "generation" in decoders and g("recipe.generation.list_length") is not _ABSENT:
         if g("recipe.generation.list_length") > g("eval.negatives") + 1:
             c.bad("recipe.generation.list_length", g("recipe.generation.list_length"),
@@ -437,6 +489,11 @@ def _cross_checks(c: _Checker) -> None:
     if g("stage.name") == "stages" and g("stage.first_share") + sum(g("stage.window_shares")) > 1 + 1e-9:
         c.bad("stage.window_shares", g("stage.window_shares"),
               f"shares summing to at most 1 - stage.first_share = {1 - g('stage.first_share'):.6g}")
+    if g("stage.name") == "global_split" and (len(g("stage.shares")) != 3 or abs(sum(g("stage.shares")) - 1) > 1e-9):
+        c.bad("stage.shares", g("stage.shares"), "three shares (train, valid, test) summing to 1")
+    if g("dataset.reader") == "amazon2018_d3" and g("dataset.d3.window_start") >= g("dataset.d3.window_end"):
+        c.bad("dataset.d3.window_start", g("dataset.d3.window_start"),
+              f"a month before dataset.d3.window_end={g('dataset.d3.window_end')!r}")
     if g("dataset.reader") == "synthetic":
         s = g("dataset.simulator")
         if s["max_len"] < s["min_len"]:

@@ -231,7 +231,7 @@ def test_no_cache_dir_means_no_cache(tmp_path, counting):
 
 
 def test_unknown_reader_lists_valid_ones():
-    with pytest.raises(ValueError, match="amazon2014_staged, amazon2018, mcauley2014, peso_blocks, recbole, synthetic"):
+    with pytest.raises(ValueError, match="amazon2014_staged, amazon2018, amazon2018_d3, mcauley2014, peso_blocks, recbole, synthetic"):
         load_dataset({"name": "x", "reader": "movielens"})
 
 

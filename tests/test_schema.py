@@ -76,7 +76,7 @@ def test_every_experiment_validates(name):
     (["dataset.simulator.max_len=4"],
      "dataset.simulator.max_len=4: expected an integer >= dataset.simulator.min_len=8"),
     (["dataset=beauty", "dataset.folder=null"], "dataset.folder=null: expected a non-empty string"),
-    (["dataset.reader=movielens"], "dataset.reader='movielens': expected one of amazon2014_staged, amazon2018, "
+    (["dataset.reader=movielens"], "dataset.reader='movielens': expected one of amazon2014_staged, amazon2018, amazon2018_d3, "
                                    "mcauley2014"),
     (["method.name=replay"], "method.name='replay': expected one of base, evorec"),
     (["backbone=sasrec", "backbone.heads=3"], "backbone.heads=3: expected a divisor of backbone.hidden=64"),

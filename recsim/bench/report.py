@@ -34,7 +34,8 @@ def essentials(cfg: DictConfig, overrides: list[str]) -> dict:
         "stage": cfg.stage.name, "device": device_name(cfg), "torch": torch.__version__,
         "transformers": transformers.__version__,
         "precision": t["precision"] or default_precision(t["accelerator"]),  # the Trainer's (train benchmark)
-        "batch_size": int(cfg.backbone.batch_size if cfg.backbone.kind == "sequential" else cfg.trainer.batch_size),
+        "batch_size": int(cfg.backbone.batch_size if cfg.backbone.kind in ("sequential", "graph")
+                          else cfg.trainer.batch_size),
         "eval_batch_size": int(cfg.eval.batch_size), "accumulate_grad_batches": int(t["accumulate_grad_batches"]),
         "devices": OmegaConf.to_container(cfg.trainer, resolve=True).get("devices", 1),
         "compile": bool(t["compile"]), "deterministic": bool(t["deterministic"]),

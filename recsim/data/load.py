@@ -9,7 +9,8 @@ for the cache key.
 
 Config keys (see ``recsim/conf/dataset/*.yaml``): name, reader, data_dir, folder (staged reader),
 category (raw readers), k_core, drop_untitled, max_title_words, sample_users, sample_seed, and
-simulator (synthetic reader: the arguments of :func:`recsim.data.synthetic.simulate`).
+simulator (synthetic reader: the arguments of :func:`recsim.data.synthetic.simulate`), d3 (amazon2018_d3
+reader: the arguments of :func:`recsim.data.d3.read_amazon2018_d3`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from recsim.data import readers
+from recsim.data import d3, readers
 from recsim.data.cache import load_or_build
 from recsim.data.preprocess import preprocess
 from recsim.data.schema import InteractionData
@@ -66,6 +67,12 @@ READERS: dict[str, Reader] = {
         read=lambda c: readers.read_amazon2018(c["data_dir"], _need(c, "category")),
         sources=lambda c: readers.amazon2018_files(c["data_dir"], _need(c, "category")),
         args=("category",),
+    ),
+    "amazon2018_d3": Reader(  # D3's window, titles and k-core happen inside the reader (recsim/data/d3.py)
+        read=lambda c: d3.read_amazon2018_d3(c["data_dir"], _need(c, "category"), k_core=int(c.get("k_core", 5)),
+                                             **(c.get("d3") or {})),
+        sources=lambda c: d3.d3_files(c["data_dir"], _need(c, "category"), (c.get("d3") or {}).get("reviews", "full")),
+        args=("category", "d3"),
     ),
     "recbole": Reader(
         read=lambda c: readers.read_recbole(

@@ -3,7 +3,8 @@
 A decoder ranks either the sample's 1 + negatives candidates (`pool = "candidates"`: likelihood scoring, the
 EvoRec authors' list generation) or the whole catalogue (`pool = "catalogue"`: constrained beam search,
 grounding, L2D). Every decoder goes through the method (`method.score_candidates`, `method.generate_rankings`,
-`method.decode_step`), so a method that combines adapters decodes as itself. `rank` returns 0-based ranks
+`method.decode_step`, `method.decode_hidden`), so a method that combines adapters decodes as itself. `prepare`
+runs once per stage before any `rank`; a decoder's own settings come from `decoder_settings`. `rank` returns 0-based ranks
 (-1: the target is not in the decoder's list, which every metric scores 0) and counts the runner reports beside
 the metrics (`invalid_share`: listed outputs that name no item; `short_list_share`: users whose list is shorter
 than asked).
@@ -13,10 +14,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from recsim.eval.metrics import ranks_from_lists, ranks_from_scores
+
+DECODER_CONF = Path(__file__).resolve().parents[1] / "conf" / "decoder"  # the `decoder` config group
+
+
+def decoder_settings(cfg, name: str) -> DictConfig:
+    """A decoder's settings: `cfg.decoder` when the run chose that decoder's group (`decoder=<name>` and its
+    overrides), else the defaults of conf/decoder/<name>.yaml (just the name for a decoder without a file). The
+    chosen group is merged over the file, so a config saved before a setting existed still has it."""
+    path = DECODER_CONF / f"{name}.yaml"
+    defaults = OmegaConf.load(path) if path.is_file() else OmegaConf.create({"name": name})
+    chosen = cfg.get("decoder")
+    if chosen is not None and chosen.get("name") == name:
+        return OmegaConf.merge(defaults, chosen)
+    return defaults
 
 
 class Decoder(ABC):
@@ -33,6 +50,10 @@ class Decoder(ABC):
     def ks(self) -> list[int]:
         """The cut-offs this decoder's ranks support (a 3-title list has no HR@10)."""
         return list(self.cfg.eval.ks)
+
+    def prepare(self, method, rec, protocol, stage, stage_dir) -> None:
+        """Called once per stage before any `rank`, with the model after that stage and the folder the stage is
+        written to (None: nothing is saved): what a decoder derives from the stage's training data (L2D's memory)."""
 
     @abstractmethod
     def rank(self, method, rec, samples, candidates: np.ndarray, progress=None) -> tuple[np.ndarray, Counter]:

@@ -58,6 +58,12 @@ class ContinualMethod:
         (next-token log-probs [N, V], cache)` with the model as the method infers (every active adapter)."""
         return rec.module._step
 
+    def decode_hidden(self, rec):
+        """Inference hook of the latent decoders (L2D, the ID head): `hidden(ids, mask) -> last-layer states
+        [N, T, H]` (final norm applied; left-padded prompts) with the model as the method infers (every active
+        adapter)."""
+        return lambda ids, mask: rec.module._decode(ids, mask).last_hidden_state
+
     def state_dict(self) -> dict:
         return {}
 

@@ -25,6 +25,10 @@ historical data", combined by an output ensemble (LSAT-EN) or by LoRA fusion thr
                averages every adapter tensor, A and B separately), for scoring and generation.
   Ties between weights keep the first in `weight_grid`. Generation mode uses the w chosen on candidate
   scoring (generating lists for every grid point would multiply its cost by the grid's size).
+- The latent decoders (L2D, the ID head) need one hidden state per prompt: under `merge` it is the merged
+  adapter's; the ensemble fuses two adapters' predictions, not states, so it has one only when w is 0 or 1 (one
+  adapter alone). recsim refuses `combine: ensemble` with those decoders before any work (recsim.schema); the
+  hook raises for a finished run loaded with it.
 Stage 0 trains the long-term adapter ("default") like every other method; before the first update
 inference uses it alone. Both adapters are saved in peft's format at every stage.
 """
@@ -184,6 +188,25 @@ class LSAT(ContinualMethod):
         return rec.module.generate_rankings(
             samples, candidates, gen_cfg, seed, batch_size,
             generate=lambda ids, mask, n: rec.module.ensemble_generate(ids, mask, n, weights))
+
+    def decode_hidden(self, rec):
+        if not self.short_ready or (self.cfg.combine == "ensemble" and self.weight == 1):
+            return super().decode_hidden(rec)
+        last = lambda ids, mask: rec.module._decode(ids, mask).last_hidden_state
+        if self.cfg.combine == "merge":
+            params = self.merged_params(rec, self.weight)
+            return lambda ids, mask: rec.module.with_params(params, last, ids, mask)
+        if self.weight == 0:
+            def short_only(ids, mask):
+                self.adapters.activate(SHORT)
+                try:
+                    return last(ids, mask)
+                finally:
+                    self.adapters.activate("default")
+            return short_only
+        raise ValueError(f"method=lsat with method.combine=ensemble (w = {self.weight}) fuses two adapters' "
+                         "predictions, not hidden states: the latent decoders (l2d_global, l2d_local, id_head) are not "
+                         "defined for it; use method.combine=merge")
 
     def state_dict(self):
         return {"short_ready": self.short_ready, "weight": self.weight}

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 from recsim.protocols.base import EncodedData, EvalSplit, Protocol, Sample, StageData, make_samples
 
-PROTOCOLS = ("two_period", "stages", "leave_one_out", "peso_blocks")
+PROTOCOLS = ("two_period", "stages", "leave_one_out", "peso_blocks", "global_split")
 
 
 def build_protocol(cfg, data: EncodedData, users: Sequence[int] | None = None) -> Protocol:
@@ -26,6 +26,10 @@ def build_protocol(cfg, data: EncodedData, users: Sequence[int] | None = None) -
         from recsim.protocols.peso_blocks import build_peso_blocks
 
         return build_peso_blocks(data, cfg.min_block_interactions, cfg.history_window, users)
+    if cfg.name == "global_split":
+        from recsim.protocols.global_split import build_global_split
+
+        return build_global_split(data, list(cfg.shares), cfg.history_window, users)
     raise ValueError(f"stage.name={cfg.name!r} is not one of: {', '.join(PROTOCOLS)}")
 
 
