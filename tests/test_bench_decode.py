@@ -1,5 +1,7 @@
-"""`python -m recsim.bench decode`: every decoder's row and figures on a fresh tiny model, a finished tiny run's
-stage through bench.run_dir (its figures against the decoder called directly), and bad bench.* values.
+"""`python -m recsim.bench decode`: every decoder's row and figures on a fresh tiny model (beam, grounding, candidates,
+L2D-G, L2D-L, the ID head: speed-ups against beam@10, the memory built once outside the timed region), a decoder
+that is not registered skipped, a finished tiny run's stage through bench.run_dir (its figures against the decoder
+called directly), and bad bench.* values.
 
 The CLI's `main` is called in this process (the subprocess path is the one tests/test_bench.py runs), so the
 imports are paid once for the whole file."""
@@ -13,7 +15,7 @@ import pytest
 
 from conftest import compose
 from recsim.bench.__main__ import main
-from recsim.bench.decode import DECODERS
+from recsim.bench.decode import DECODERS, LONG_LIST
 from recsim.bench.settings import DEFAULTS, split_overrides
 from recsim.schema import ConfigError
 
@@ -73,6 +75,50 @@ def test_every_decoder_has_a_row_and_its_figures(tmp_path, capsys):
         assert f"{label} search" in printed
     assert by["grounding"]["beam"] is None and by["candidates"]["beam"] is None
     assert record["config"]["backbone"] == "tiny_llama"
+    # the latent decoders: the speed-up column is beam@10's median time over theirs, printed beside Recall@20 / @50
+    for label in ("grounding", "l2d_global", "l2d_local", "id_head"):
+        r = by[label]
+        assert r["speedup_vs_beam10"] == pytest.approx(by["beam@10"]["ms_per_user"] / r["ms_per_user"])
+        assert r["list_length"] == LONG_LIST and {"Recall@20", "Recall@50", "NDCG@50"} <= set(r["metrics"])
+        row = next(line for line in printed.splitlines() if line.startswith(label + " "))
+        assert row.split()[-1] == f"{r['speedup_vs_beam10']:.3g}x"
+        assert f"{r['metrics']['Recall@20']:.4f}" in row and f"{r['metrics']['Recall@50']:.4f}" in row
+    assert "Recall@50" not in by["beam@20"]["metrics"]
+    # one memory (stage 0's training samples), built by the first latent decoder's prepare, outside the timed region
+    memories = [by[label]["memory"] for label in ("l2d_global", "l2d_local", "id_head")]
+    assert all(m["built_by"] == "l2d_global" for m in memories) and len({m["entries"] for m in memories}) == 1
+    m = memories[0]
+    assert m["entries"] > 0 and m["build_seconds"] > 0
+    assert m["seconds_per_100k"] == pytest.approx(m["build_seconds"] / m["entries"] * 1e5)
+    assert by["l2d_global"]["prepare_seconds"] >= m["build_seconds"]  # prepare = the build + the item means
+    assert by["beam@10"]["memory"] is None and "l2d_global memory" in printed and "built by l2d_global" in printed
+    # a random-weight backbone: its quality is flagged as meaningless, in the JSON and the table
+    assert f["random_weights"] is True and "Recall and NDCG are meaningless" in printed
+
+
+def test_decoder_settings_reach_their_own_entry_only():
+    from recsim.bench.decode import decoder_config
+
+    cfg = compose(TINY + ["decoder=l2d_local", "decoder.m=3"])
+    local = decoder_config(cfg, "l2d_local", {"decoder.top_k": LONG_LIST}).decoder
+    assert (local.name, local.m, local.top_k) == ("l2d_local", 3, LONG_LIST)  # the chosen group, then the entry's
+    other = decoder_config(cfg, "l2d_global", {"decoder.top_k": LONG_LIST}).decoder
+    assert other.name == "l2d_global" and "m" not in other and other.top_k == LONG_LIST  # conf/decoder defaults
+    assert cfg.decoder.top_k is None  # the composed config itself is left alone
+
+
+def test_a_decoder_not_registered_is_skipped_and_the_others_run(tmp_path, capsys, monkeypatch):
+    import recsim.decoders
+
+    monkeypatch.delitem(recsim.decoders.DECODERS, "id_head")  # as before the ID head existed
+    record, printed = decode(TINY + ["bench.users=2", "bench.warmup=0", "bench.repeats=1",
+                                     "bench.decoders=[beam@10,id_head]"], capsys, tmp_path / "skip.json")
+    beam, head = record["figures"]["decoders"]
+    assert beam["label"] == "beam@10" and beam["speedup_vs_beam10"] == 1.0
+    assert head == {"label": "id_head", "decoder": "id_head", "skipped": head["skipped"]}
+    assert "'id_head' is not registered" in head["skipped"] and "skipping id_head" in printed
+    with pytest.raises(SystemExit, match="every selected decoder was skipped"):
+        main(["decode", *TINY, "bench.users=2", "bench.decoders=[id_head]", f"bench.out={tmp_path / 'none.json'}"])
 
 
 def test_a_finished_run_stage_is_decoded_as_the_decoder_ranks_it(finished_run, tmp_path, capsys):

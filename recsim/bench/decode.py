@@ -3,29 +3,47 @@
 Every decoder in `DECODERS` (label, decoder name, settings override) that `bench.decoders` selects ranks the same
 first `bench.users` users of stage 0's test split (every group, in the split's order) through its own
 `rank(method, rec, samples, candidates)`, the call `recsim.runner.evaluate_stage` makes, so the time is the
-decoder's whole cost: prompts, the model's steps, the trie or the nearest-item search, the ranks.
+decoder's whole cost: prompts, the model's steps, the trie or the nearest-item search, the ranks. One process, one
+model: beam (beam `recipe.beam.beam_size`, top-10 and top-20), grounding, candidate likelihood, L2D-G, L2D-L and
+the ID head. A decoder recsim.decoders does not register is skipped with a message (its row says why).
 
 Per decoder, in this order:
+    prepare   `decoder.prepare(method, rec, protocol, stage, None)`, timed apart (prepare_seconds), outside the
+              timed region: what a decoder derives from the stage's training samples (L2D's memory: one pass per
+              sample; the ID head's training). The memory build's own seconds, also per 100k entries, are
+              reported; L2D-G, L2D-L and the ID head share one memory when their memory settings agree (built
+              once, by the first of them: memory_built_by). Nothing is read from or saved to a stage folder, so
+              the memory is always built here.
     setup     one call on one user, timed apart (setup_seconds): it builds what a decoder keeps per model (the
               beam's trie, grounding's item embeddings of the whole catalogue, cached on the recommender)
-    warm-up   `bench.warmup` calls on one batch (the decoder's `recipe.<name>.batch_size`, else `eval.batch_size`)
+    warm-up   `bench.warmup` calls on one batch (the decoder's `recipe.<name>.batch_size` or `decoder.batch_size`,
+              else `eval.batch_size`)
     timed     `bench.repeats` calls on all the users, each synchronised on the device (recsim.bench.timing):
               ms/user = 1000 * seconds / users; the median and the min / max over the repeats (with
               bench.warmup=0 the first repeat pays the first full batch's allocations)
-Recall@10 / NDCG@10 (and @20 where a decoder lists 20 catalogue items) come from the first timed call's ranks;
-every repeat must give the same ranks (reported). The speed-up of a decoder is beam@10's median ms/user over its
-own (> 1: faster than the top-10 beam). For the beam, every `constrained_beam_search` call of the timed repeats is
-recorded (`_recorded_beam_calls`): its steps, finished hypotheses and the seconds of its timer's three parts
-(trie masks and lookups, model steps, selection and cache reordering; CUDA synchronised around each), so the
-trie's share of decode time is trie_seconds / (trie + model + search seconds). Peak memory covers each
-decoder's timed repeats (on CPU the process's RSS, which includes the model).
+Recall / NDCG @10, @20 and @50, each where a decoder's list is that long, come from the first timed call's ranks;
+every repeat must give the same ranks (reported). The decoders whose cost hardly depends on the list's length
+(grounding, L2D, the ID head) list `LONG_LIST` items, so their Recall@20 and @50 exist beside beam@20's Recall@20.
+The speed-up of a decoder is beam@10's median ms/user over its own (> 1: faster than the top-10 beam). For the
+beam, every `constrained_beam_search` call of the timed repeats is recorded (`_recorded_beam_calls`): its steps,
+finished hypotheses and the seconds of its timer's three parts (trie masks and lookups, model steps, selection and
+cache reordering; CUDA synchronised around each), so the trie's share of decode time is trie_seconds / (trie +
+model + search seconds). Peak memory covers each decoder's timed repeats (on CPU the process's RSS, which includes
+the model).
 
 The model: the freshly built one (a new adapter: decoding costs the same whatever its values, but its quality is
-the untrained model's), or with `bench.run_dir=<finished run>` the model after stage `bench.stage` of that run
-(`recsim.runs.load_stage`: its own config, protocol and weights). With a run, the composed config is replaced in
-place by the run's (so the table's title and the JSON name the run's model); command-line overrides of decoding
-settings (`INFERENCE_KEYS`) are applied to the run's config, any other override that disagrees with the run is
-refused.
+the untrained model's; L2D's memory is stage 0's), or with `bench.run_dir=<finished run>` the model after stage
+`bench.stage` of that run (`recsim.runs.load_stage`: its own config, protocol and weights). A backbone built from
+config (`backbone.source: tiny`) has random weights: its figures time the shape and the output says its Recall and
+NDCG mean nothing. A Llama-3.2-1B shape, as the training benchmarks time it (benchmarks/gpu_bench.sh, L1B):
+    python -m recsim.bench decode recipe=generative dataset=games backbone=tiny_llama
+        backbone.name=llama32_1b_shape_random backbone.dtype=bfloat16 backbone.tiny.hidden_size=2048
+        backbone.tiny.intermediate_size=8192 backbone.tiny.num_layers=16 backbone.tiny.num_heads=32
+        backbone.tiny.num_kv_heads=8
+(SmolLM2's tokenizer and vocabulary: the 1B model's layers and width, not its 128k-token head).
+With a run, the composed config is replaced in place by the run's (so the table's title and the JSON name the run's
+model); command-line overrides of decoding settings (`INFERENCE_KEYS`, the `decoder` group's included) are applied
+to the run's config, any other override that disagrees with the run is refused.
 """
 
 from __future__ import annotations
@@ -43,25 +61,36 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 # (label, decoder name in recsim.decoders.DECODERS, settings override applied to a copy of the config): one line
 # per decoder; bench.decoders selects by label, the table keeps this order. beam@10 is the speed-up reference.
+LONG_LIST = 50  # items listed by the decoders whose cost hardly grows with the list (Recall@50 needs 50)
 DECODERS = [
     ("beam@10", "beam", {"recipe.beam.top_k": 10}),
     ("beam@20", "beam", {"recipe.beam.top_k": 20}),
-    ("grounding", "grounding", {}),
+    ("grounding", "grounding", {"recipe.grounding.top_k": LONG_LIST}),
     ("candidates", "candidates", {}),
+    ("l2d_global", "l2d_global", {"decoder.top_k": LONG_LIST}),
+    ("l2d_local", "l2d_local", {"decoder.top_k": LONG_LIST}),
+    ("id_head", "id_head", {"decoder.top_k": LONG_LIST}),
 ]
 DECODER_LABELS = [label for label, _, _ in DECODERS]
 REFERENCE = "beam@10"
-CUTOFFS = (10, 20)
+CUTOFFS = (10, 20, 50)
 # overrides a finished run's config takes from the command line: they change how it decodes, not what it learnt
-INFERENCE_KEYS = ("recipe.beam.", "recipe.grounding.", "recipe.scoring.kernel", "recipe.scoring.autocast",
+INFERENCE_KEYS = ("decoder.", "recipe.beam.", "recipe.grounding.", "recipe.scoring.kernel", "recipe.scoring.autocast",
                   "recipe.scoring.fp32", "recipe.scoring.compile", "recipe.scoring.pad_to_multiple_of",
                   "eval.batch_size", "trainer.accelerator", "trainer.devices", "trainer.progress_bar",
                   "paths.data_dir", "paths.cache_dir")
 
 
-def decoder_config(cfg: DictConfig, settings: dict) -> DictConfig:
-    """A copy of `cfg` with the entry's settings; a key whose section the recipe lacks is refused."""
+def decoder_config(cfg: DictConfig, name: str, settings: dict) -> DictConfig:
+    """A copy of `cfg` with the entry's settings; a key whose section the recipe lacks is refused. `decoder.*` keys
+    set the decoder's own settings (recsim.decoders.base.decoder_settings: the chosen `decoder=` group when it is
+    this decoder, else conf/decoder/<name>.yaml), which the copy then carries as its `decoder` group."""
     out = copy.deepcopy(cfg)
+    if any(key.startswith("decoder.") for key in settings):
+        from recsim.decoders.base import decoder_settings
+
+        with open_dict(out):
+            out.decoder = decoder_settings(out, name)
     for key, value in settings.items():
         section = key.rsplit(".", 1)[0]
         if OmegaConf.select(out, section) is None:
@@ -81,6 +110,8 @@ def cutoffs(decoder) -> list[int]:
 
 def warmup_batch(cfg: DictConfig, name: str) -> int:
     size = OmegaConf.select(cfg, f"recipe.{name}.batch_size")
+    if size is None and (OmegaConf.select(cfg, "decoder.name") == name):
+        size = OmegaConf.select(cfg, "decoder.batch_size")
     return int(size if size is not None else cfg.eval.batch_size)
 
 
@@ -154,7 +185,8 @@ def _replace_in_place(cfg: DictConfig, new: DictConfig) -> None:
 
 
 def load_model(cfg: DictConfig, bench: dict):
-    """(rec, method, protocol, source) of a fresh model or of a finished run's stage (see the module docstring)."""
+    """(rec, method, protocol, stage, source) of a fresh model (stage 0) or of a finished run's stage (see the
+    module docstring)."""
     from recsim.runner import compute_device
 
     if bench["run_dir"] is None:
@@ -170,7 +202,7 @@ def load_model(cfg: DictConfig, bench: dict):
         method = build_method(cfg.method)
         method.setup(rec, prepared.protocol)
         rec.module.to(compute_device(cfg))
-        return rec, method, prepared.protocol, {"model": "fresh (untrained adapter)"}
+        return rec, method, prepared.protocol, prepared.protocol.stages[0], {"model": "fresh (untrained adapter)"}
     from recsim.runs import load_stage
 
     run_dir = Path(bench["run_dir"])
@@ -184,23 +216,45 @@ def load_model(cfg: DictConfig, bench: dict):
     with open_dict(loaded.cfg):
         loaded.cfg.paths.output_dir = cfg.paths.output_dir
     _replace_in_place(cfg, loaded.cfg)
-    return loaded.rec, loaded.method, loaded.protocol, {
+    return loaded.rec, loaded.method, loaded.protocol, loaded.stage, {
         "model": f"stage {loaded.stage.index} ({loaded.stage.name}) of {run_dir}", "run_dir": str(run_dir),
         "stage": loaded.stage.index, "stage_name": loaded.stage.name, "overrides": overrides}
 
 
-def measure(label: str, name: str, settings: dict, cfg, bench, rec, method, samples, candidates, device) -> dict:
-    """One decoder's setup, warm-up, timed repeats, ranks and figures."""
+def memory_figures(decoder, rec, built_by: dict, label: str) -> dict | None:
+    """A latent decoder's memory: entries, build seconds (also per 100k entries), and which entry built it."""
+    memory = getattr(decoder, "memory", None)
+    if memory is None:
+        return None
+    stats = memory.stats(rec.num_items)
+    return {"entries": int(stats["memory_entries"]), "items": int(stats["memory_items"]),
+            "cold_items": int(stats["cold_items"]), "build_seconds": stats["memory_build_seconds"],
+            "seconds_per_100k": stats["memory_seconds_per_100k"], "built_by": built_by.setdefault(memory.key, label)}
+
+
+def skipped(label: str, name: str, why: str) -> dict:
+    print(f"recsim.bench decode: skipping {label}: {why}")
+    return {"label": label, "decoder": name, "skipped": why}
+
+
+def measure(label: str, name: str, settings: dict, cfg, bench, rec, method, protocol, stage, samples, candidates,
+            device, built_by: dict) -> dict:
+    """One decoder's prepare, setup, warm-up, timed repeats, ranks and figures."""
     from recsim.bench.timing import timed
-    from recsim.decoders import build_decoder
+    from recsim.decoders import DECODERS, build_decoder
     from recsim.eval.metrics import per_user_metrics
     from recsim.utils.resources import UpdateMeter
 
-    dcfg = decoder_config(cfg, settings)
+    if name not in DECODERS:  # a decoder not (yet) registered: the others still run
+        return skipped(label, name, f"decoder {name!r} is not registered in recsim.decoders.DECODERS "
+                                    f"({', '.join(DECODERS)})")
+    dcfg = decoder_config(cfg, name, settings)
     decoder = build_decoder(name, dcfg)
     if decoder.llm_only and rec.kind != "llm":
         raise SystemExit(f"recsim.bench decode: {label} ({name}) needs an LLM backbone; bench.decoders=[candidates] "
                          "for a classic model")
+    # outside the timed region: L2D's memory, the ID head's training (no stage folder: always built here)
+    _, prepare_seconds = timed(lambda: decoder.prepare(method, rec, protocol, stage, None), device)
     rank = lambda s, c: decoder.rank(method, rec, s, c)
     _, setup_seconds = timed(lambda: rank(samples[:1], candidates[:1]), device)
     batch = warmup_batch(dcfg, name)
@@ -223,6 +277,7 @@ def measure(label: str, name: str, settings: dict, cfg, bench, rec, method, samp
     metrics = {m: float(per_user[m].mean()) for k in ks for m in (f"Recall@{k}", f"NDCG@{k}")}
     return {"label": label, "decoder": name, "settings": settings, "pool": decoder.pool_label(),
             "list_length": decoder.top_k() if decoder.pool == "catalogue" else None, "warmup_batch": batch,
+            "prepare_seconds": prepare_seconds, "memory": memory_figures(decoder, rec, built_by, label),
             "setup_seconds": setup_seconds, "seconds": seconds, "ms_per_user": float(np.median(ms)),
             "ms_per_user_min": min(ms), "ms_per_user_max": max(ms), "users_per_s": n / float(np.median(seconds)),
             "metrics": metrics, "same_ranks_every_repeat": all(np.array_equal(r, ranks[0]) for r in ranks),
@@ -239,17 +294,27 @@ def run(cfg, bench: dict) -> dict:
 
     selected = [entry for entry in DECODERS if entry[0] in bench["decoders"]]
     if bench["run_dir"] is None:  # settings the recipe lacks, refused before a model is built
-        for _, _, settings in selected:
-            decoder_config(cfg, settings)
-    rec, method, protocol, source = load_model(cfg, bench)
+        for _, name, settings in selected:
+            decoder_config(cfg, name, settings)
+    rec, method, protocol, stage, source = load_model(cfg, bench)
     device = compute_device(cfg)
     split, samples, candidates = split_users(protocol, bench["users"])
-    results = [measure(*entry, cfg, bench, rec, method, samples, candidates, device) for entry in selected]
-    reference = next((r for r in results if r["label"] == REFERENCE), None)
-    for r in results:
+    built_by: dict = {}  # memory key -> the label whose prepare built it
+    results = [measure(*entry, cfg, bench, rec, method, protocol, stage, samples, candidates, device, built_by)
+               for entry in selected]
+    timed_rows = [r for r in results if "skipped" not in r]
+    if not timed_rows:
+        raise SystemExit("recsim.bench decode: every selected decoder was skipped (see above)")
+    reference = next((r for r in timed_rows if r["label"] == REFERENCE), None)
+    for r in timed_rows:
         r["speedup_vs_beam10"] = reference["ms_per_user"] / r["ms_per_user"] if reference else None
-    peak = max(results, key=lambda r: r["peak_mem_mb"])
-    return {**source, "split": split, "users": len(samples), "users_requested": bench["users"],
+    peak = max(timed_rows, key=lambda r: r["peak_mem_mb"])
+    random_weights = OmegaConf.select(cfg, "backbone.source") == "tiny"
+    quality = ("RANDOM WEIGHTS (a backbone built from config): Recall and NDCG are meaningless, the times are the "
+               "shape's" if random_weights else "untrained adapter: Recall and NDCG are the untrained model's"
+               if bench["run_dir"] is None else "the run's trained model")
+    return {**source, "random_weights": random_weights, "quality": quality, "stage": stage.index,
+            "stage_name": stage.name, "split": split, "users": len(samples), "users_requested": bench["users"],
             "warmup_batches": bench["warmup"], "repeats": bench["repeats"], "beam_size": int(cfg.recipe.beam.beam_size)
             if OmegaConf.select(cfg, "recipe.beam") is not None else None, "item_id": OmegaConf.select(cfg, "item_id.name"),
             "num_items": int(rec.num_items), "decoders": results, "weights_dtype": weights_dtype(rec.module),
@@ -266,17 +331,31 @@ def rows(f: dict) -> list[tuple[str, str]]:
 
     fewer = f" (the split has {f['users']} of {f['users_requested']} requested)" if f["users"] < f["users_requested"] else ""
     head = (f"{'pool':<5} {'ms/user median [min, max]':<28} {'users/s':>8} {'R@10':>7} {'N@10':>7} {'R@20':>7} "
-            f"{'vs beam@10':>10}")
+            f"{'R@50':>7} {'vs beam@10':>10}")
+    timed = [r for r in f["decoders"] if "skipped" not in r]
     out = [("model", f"{f['model']}, item_id {f['item_id']}, {f['num_items']} items, beam_size {f['beam_size']}"),
+           ("quality", f["quality"]),
            ("timed", f"{f['users']} users of {f['split']}{fewer}, {f['repeats']} repeats after {f['warmup_batches']} "
                      "warm-up batches"),
            ("decoder", head)]
     for r in f["decoders"]:
+        if "skipped" in r:
+            out.append((r["label"], f"skipped: {r['skipped']}"))
+            continue
         spread = f"{r['ms_per_user']:.4g} [{r['ms_per_user_min']:.4g}, {r['ms_per_user_max']:.4g}]"
         speedup = "n/a" if r["speedup_vs_beam10"] is None else f"{r['speedup_vs_beam10']:.3g}x"
         out.append((r["label"], f"{r['pool']:<5} {spread:<28} {r['users_per_s']:>8.4g} {_metric(r, 'Recall@10'):>7} "
-                                f"{_metric(r, 'NDCG@10'):>7} {_metric(r, 'Recall@20'):>7} {speedup:>10}"))
-    for r in f["decoders"]:
+                                f"{_metric(r, 'NDCG@10'):>7} {_metric(r, 'Recall@20'):>7} {_metric(r, 'Recall@50'):>7} "
+                                f"{speedup:>10}"))
+    for r in timed:
+        m = r["memory"]
+        if m:
+            built = "built here" if m["built_by"] == r["label"] else f"shared, built by {m['built_by']}"
+            out.append((f"{r['label']} memory",
+                        f"{m['entries']} entries of {m['items']} items ({m['cold_items']} cold), built in "
+                        f"{fmt(m['build_seconds'], 's')} ({fmt(m['seconds_per_100k'], 's')} per 100k entries; "
+                        f"{built}); prepare {fmt(r['prepare_seconds'], 's')}, outside the timed region"))
+    for r in timed:
         b = r["beam"]
         if b:
             share = "n/a" if b["trie_share"] is None else f"{b['trie_share']:.1%}"
@@ -284,7 +363,7 @@ def rows(f: dict) -> list[tuple[str, str]]:
                                                 f"{b['model_seconds']:.3g} s, search {b['search_seconds']:.3g} s), "
                                                 f"{b['steps']:g} decode steps, {b['hypotheses_per_user']:.4g} "
                                                 "finished hypotheses/user per repeat"))
-    for r in f["decoders"]:
+    for r in timed:
         same = "" if r["same_ranks_every_repeat"] else ", ranks DIFFER between repeats"
         listed = "" if r["listed_per_user"] is None else (
             f"{r['listed_per_user']:.3g} items listed/user of {r['list_length']}, short lists "
