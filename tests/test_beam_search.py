@@ -1,21 +1,17 @@
 """The item trie, trie-constrained beam search (against brute force), and BIGRec's grounding, on the tiny Llama."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from recsim.backbones import lora as lora_ops
-from recsim.backbones.llm import load_base_model, load_tokenizer
 from recsim.decoders.beam import constrained_beam_search
 from recsim.decoders.grounding import free_generation, ground, item_embeddings, nearest_items
 from recsim.decoders.trie import ItemTrie
 from recsim.models.llm_ranker import LLMRanker
 from recsim.protocols.base import Sample
 
-from conftest import REPO
+from conftest import tiny_lora_ranker
 
 EOS = 2  # SmolLM2's tokenizer (tiny_llama): eos = pad = 2; the trie tests only need some token id
 TITLES = ["<pad>"] + [f"Velvet {c} Lipstick" for c in ["Rose", "Plum", "Coral", "Nude", "Ruby", "Berry", "Peach", "Wine"]]
@@ -23,18 +19,7 @@ TITLES = ["<pad>"] + [f"Velvet {c} Lipstick" for c in ["Rose", "Plum", "Coral", 
 
 @pytest.fixture(scope="module")
 def ranker():
-    cfg = OmegaConf.load(REPO / "recsim/conf/backbone/tiny_llama.yaml")
-    cache = os.environ["RECSIM_CACHE"]
-    model = lora_ops.add_lora(load_base_model(cfg, cache, seed=0), cfg.lora)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # a fresh LoRA is the identity; make the adapter matter
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)
-    prompt = OmegaConf.create({"template": "History:\n{history}\nNext:", "max_history": 10, "max_title_words": 8,
-                               "max_prompt_tokens": 512})
-    scoring = OmegaConf.create({"normalize": "sum", "max_title_words": None, "max_answer_tokens": 32})
-    r = LLMRanker(model, load_tokenizer(cfg, cache), TITLES, prompt, scoring, OmegaConf.create({"lr": 1e-2,
-                                                                                                "weight_decay": 0}))
+    r = tiny_lora_ranker(TITLES)
     assert r.tok.eos_token_id == EOS
     return r.eval()
 

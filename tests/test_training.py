@@ -206,27 +206,10 @@ def test_group_by_length_batches_similar_lengths_and_is_seeded():
 
 @pytest.fixture(scope="module")
 def tiny_ranker():
-    import os
+    from conftest import tiny_lora_ranker
 
-    from recsim.backbones import lora as lora_ops
-    from recsim.backbones.llm import load_base_model, load_tokenizer
-    from recsim.models.llm_ranker import LLMRanker
-
-    from conftest import REPO
-
-    cfg = OmegaConf.load(REPO / "recsim/conf/backbone/tiny_llama.yaml")
-    cache = os.environ["RECSIM_CACHE"]
-    model = lora_ops.add_lora(load_base_model(cfg, cache, seed=0), cfg.lora)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():  # a fresh LoRA is the identity; make the adapter matter
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)
-    titles = ["<pad>", "Rose Lipstick", "Plum Nail Polish In A Very Long Bottle", "Coral Blush", "Ruby Gloss"]
-    prompt = OmegaConf.create({"template": "History:\n{history}\nNext:", "max_history": 10, "max_title_words": 8,
-                               "max_prompt_tokens": 512})
-    scoring = OmegaConf.create({"normalize": "sum", "max_title_words": None, "max_answer_tokens": 32})
-    return LLMRanker(model, load_tokenizer(cfg, cache), titles, prompt, scoring,
-                     OmegaConf.create({"lr": 1e-2, "weight_decay": 0}))
+    return tiny_lora_ranker(["<pad>", "Rose Lipstick", "Plum Nail Polish In A Very Long Bottle", "Coral Blush",
+                             "Ruby Gloss"])
 
 
 def _samples():

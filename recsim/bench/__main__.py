@@ -17,7 +17,8 @@ BENCHMARKS = {
     "train": "optimiser steps of the training path: samples/s, real and padded tokens/s, effective batch, MFU, peak memory",
     "score": "candidate scoring (method.score_candidates): users/s for 1 + eval.negatives candidates, peak memory",
     "fullrank": "whole-catalogue ranking (score_all + ranks_full) of a classic model, or bench.synthetic_scores=true",
-    "decode": "per-user time of the decoders (beam top-10/20, grounding, candidates) beside their Recall/NDCG@10",
+    "decode": "per-user time of the decoders (beam top-10/20, grounding, candidates, L2D-G, L2D-L, ID head) beside "
+              "Recall@20/@50 and the speed-up vs beam 10",
 }
 USAGE = "\n".join([
     "usage: python -m recsim.bench {" + ",".join(BENCHMARKS) + "} [hydra overrides...] [bench.KEY=VALUE...]",

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from recsim.decoders.latent import LatentDecoder, compact, fingerprint_key
+from recsim.decoders.latent import LatentDecoder, compact, fingerprint_key, load_fingerprinted
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +121,10 @@ def _save(path: Path, head: torch.nn.Linear, fingerprint: dict, seconds: float, 
 
 def _load(path: Path, fingerprint: dict, device) -> tuple[torch.nn.Linear, float, float] | None:
     """(head, its training seconds, its training accuracy) from `path` when its fingerprint matches, else None."""
-    import safetensors
-    import safetensors.torch
-
-    try:
-        with safetensors.safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if json.loads(meta.get("fingerprint", "null")) != fingerprint:
-            return None
-        tensors = safetensors.torch.load_file(str(path))
-    except (OSError, ValueError, json.JSONDecodeError, safetensors.SafetensorError) as err:
-        log.warning("ID head %s unreadable (%s): training it again", path, err)
+    loaded = load_fingerprinted(path, fingerprint, "ID head")
+    if loaded is None:
         return None
+    tensors, meta = loaded
     weight = tensors["weight"]
     head = torch.nn.Linear(weight.shape[1], weight.shape[0]).to(device)
     head.load_state_dict({"weight": weight, "bias": tensors["bias"]})

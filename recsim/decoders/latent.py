@@ -144,7 +144,9 @@ def _memory_path(stage_dir: Path, key: str) -> Path:
     return Path(stage_dir) / f"l2d_memory-{key}.safetensors"
 
 
-def _load(path: Path, fingerprint: dict) -> Memory | None:
+def load_fingerprinted(path: Path, fingerprint: dict, what: str) -> tuple[dict, dict] | None:
+    """(tensors, metadata) of a safetensors file saved with `fingerprint` in its metadata; None when the
+    fingerprint differs or the file cannot be read (then `what` is built again)."""
     import safetensors
     import safetensors.torch
 
@@ -153,10 +155,17 @@ def _load(path: Path, fingerprint: dict) -> Memory | None:
             meta = f.metadata() or {}
         if json.loads(meta.get("fingerprint", "null")) != fingerprint:
             return None
-        tensors = safetensors.torch.load_file(str(path))
+        return safetensors.torch.load_file(str(path)), meta
     except (OSError, ValueError, json.JSONDecodeError, safetensors.SafetensorError) as err:
-        log.warning("L2D memory %s unreadable (%s): rebuilding it", path, err)
+        log.warning("%s %s unreadable (%s): building it again", what, path, err)
         return None
+
+
+def _load(path: Path, fingerprint: dict) -> Memory | None:
+    loaded = load_fingerprinted(path, fingerprint, "L2D memory")
+    if loaded is None:
+        return None
+    tensors, meta = loaded
     return Memory(tensors["states"], tensors["targets"], fingerprint, float(meta.get("build_seconds", "nan")),
                   reused=True)
 
