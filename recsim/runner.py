@@ -29,6 +29,7 @@ from recsim.eval.continual import continual_summary
 from recsim.eval.metrics import ranks_full, summarise
 from recsim.methods import build_method
 from recsim.protocols.base import EncodedData, EvalSplit
+from recsim.protocols.holdout import HOLDOUT, stage_key as holdout_stage_key
 from recsim.protocols.prepare import prepare_protocol, save_prepared
 from recsim.results import RANKS_FILE, RESULT_COLUMNS, load_ranks, matrix_markdown, render_run_markdown, save_ranks  # noqa: F401
 from recsim.selection import BestOnValidation
@@ -175,7 +176,9 @@ PAPER_GROUPS = ("U_A", "U_I")  # the paper's U = U_A ∪ U_I; `new` users are re
 
 def _pooled(by_group: dict[str, np.ndarray], groups=PAPER_GROUPS) -> np.ndarray:
     """The "all" row: U_A ∪ U_I (never `new`), or the protocol's only group (leave-one-out's "all"); a protocol
-    whose description names `pooled_groups` pools those (peso_blocks: every user of the block, U_A and new)."""
+    whose description names `pooled_groups` pools those (peso_blocks: every user of the block, U_A and new).
+    Held-out users (`holdout`, non-members) are never pooled."""
+    by_group = {g: r for g, r in by_group.items() if g != HOLDOUT}
     if "all" in by_group:
         return by_group["all"]
     keys = [g for g in groups if g in by_group] or list(by_group)
@@ -268,9 +271,10 @@ def evaluate_stage(cfg, protocol, rec, method, stage, stage_dir: Path | None = N
                 progress = lambda it, g=group: tqdm(it, desc=f"{decoder.name} {stage.name} on {name}/{g}", leave=False,
                                                     disable=not cfg.trainer.progress_bar)
                 by_group[group], c = decoder.rank(method, rec, samples, split.candidates[group], progress)
-                counts.update(c)
+                if group != HOLDOUT:  # the "all" count rows pool members only, as the metric rows do
+                    counts.update(c)
             head = {"eval_mode": decoder.name, "candidates": decoder.pool_label(), **common}
-            if by_group:
+            if set(by_group) - {HOLDOUT}:
                 rows += [{**head, "group": "all", "n_users": counts["users"], "metric": metric, "value": value}
                          for metric, value in decoder.count_rows(counts).items()]
             rows += _metric_rows(head, by_group, users, decoder.name, name, decoder.ks(), cfg, per_user, pooled)
@@ -312,7 +316,8 @@ def _metric_rows(head: dict, by_group: dict, users: dict, mode: str, split: str,
         return []
     for group, r in by_group.items():
         per_user[(mode, split, group)] = (users[group], r)
-    by_group = {**by_group, "all": _pooled(by_group, pooled)}
+    if set(by_group) - {HOLDOUT}:  # non-members alone make no "all" row
+        by_group = {**by_group, "all": _pooled(by_group, pooled)}
     return [{**head, "group": group, **m} for group, r in by_group.items()
             for m in summarise(r, ks, cfg.eval.n_boot, cfg.seed)]
 
@@ -359,6 +364,7 @@ def base_stage_key(cfg) -> dict:
     t = cfg.trainer
     plain = lambda node: OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     keyed = {k: drop_path_keys(plain(cfg[k])) for k in ("dataset", "backbone", "recipe", "stage", "eval", "seed")}
+    keyed["stage"] = holdout_stage_key(keyed["stage"])  # no held-out users: the key of before the setting
     keyed["item_id"] = plain(cfg.get("item_id")) or {"name": "title"}  # what the model emits for an item
     keyed["trainer"] = {k: plain(t.get(k)) for k in ("base", "batch_size", "max_train_samples", "precision",
                                                      "gradient_clip_val", "accumulate_grad_batches", "devices",

@@ -278,6 +278,9 @@ STAGE_BY_NAME = {
     "global_split": {"stage.shares": numbers(0, 1, lo_open=True, hi_open=True), "stage.history_window": integer(1)},
 }
 
+# stage.holdout_* (recsim.protocols.holdout), every protocol; optional: configs written before them hold out nobody
+STAGE_OPTIONAL = {"stage.holdout_users": number(0, 1, hi_open=True), "stage.holdout_seed": integer(0)}
+
 _RECIPE = {f"recipe.{k}": c for k, c in {
     "prompt.template": text(), "prompt.max_history": integer(1), "prompt.max_title_words": integer(1, null=True),
     "prompt.max_prompt_tokens": integer(1), "scoring.normalize": one_of("mean", "sum"),
@@ -443,6 +446,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
     stage = c.get("stage.name")
     if stage in STAGE_BY_NAME:
         c.table(STAGE_BY_NAME[stage])
+        c.table(STAGE_OPTIONAL, required=False)
     else:
         c.bad("stage.name", stage, f"one of {', '.join(STAGE_BY_NAME)}")
     if c.get("recipe.name") in RECIPE_BY_NAME:

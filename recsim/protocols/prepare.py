@@ -5,7 +5,8 @@ over the full catalogue), cut times come from all of its timestamps, and only th
 restricted to the sampled users (``dataset.sample_users``, seeded by ``dataset.sample_seed``, uniform
 without replacement over all users of the processed data; :func:`recsim.data.preprocess.sample_user_ids`).
 So a sample sees the same T and draws its negatives from the same ~12k Beauty items as the full run, and a
-user's candidates do not depend on who else was sampled.
+user's candidates do not depend on who else was sampled. Then ``stage.holdout_users`` takes a seeded share of
+those users out of every stage (non-members, :mod:`recsim.protocols.holdout`), before candidates are drawn.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import numpy as np
 from recsim.data.load import load_dataset
 from recsim.data.preprocess import sample_user_ids
 from recsim.protocols import build_protocol
-from recsim.protocols.base import EncodedData, Protocol
+from recsim.protocols.base import EncodedData, Protocol, resolve_users
 from recsim.protocols.candidates import draw_candidates, save_candidates
+from recsim.protocols.holdout import apply_holdout, holdout_settings
 from recsim.schema import validate_against_data
 from recsim.utils.io import write_json
 
@@ -63,7 +65,9 @@ def describe(protocol: Protocol, sample: dict) -> dict:
 
 
 def prepare_protocol(cfg) -> Prepared:
-    """Load the whole dataset, sample users, build the protocol and draw test and validation candidates."""
+    """Load the whole dataset, sample users, build the protocol, hold out non-members and draw test and
+    validation candidates."""
+    share, holdout_seed = holdout_settings(cfg.stage)  # a bad share errors before the data is read
     raw = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
     full_stats = raw.stats()
     data = EncodedData.from_data(raw)
@@ -73,6 +77,8 @@ def prepare_protocol(cfg) -> Prepared:
     seed = 0 if seed is None else int(seed)
     users = sampled_users(data, None if n is None else int(n), seed)
     protocol = build_protocol(cfg.stage, data, users)
+    protocol = apply_holdout(protocol, data.user_ids, resolve_users(data, users), share,
+                             int(cfg.seed) if holdout_seed is None else holdout_seed)
     for split in protocol.all_splits():
         draw_candidates(split, data, cfg.eval.negatives, cfg.seed)
     sample_stats = None if users is None else encoded_stats(data, users)
