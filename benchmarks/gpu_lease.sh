@@ -4,6 +4,9 @@
 # pretrained SmolLM2 (600 Beauty users, the settings of the earlier GPU ratio), each alone on the GPU.
 #   OUT=/tmp/lease PARTS="static score64" UPDATE_COST=1 LATE_PARTS=decode setsid nohup bash benchmarks/gpu_lease.sh &
 # Progress: $OUT/progress.log; $OUT/ALL_DONE at the end. Needs the staged environment of gpu_bench.sh.
+# Staging (learnt the hard way, session 22): read `warm` in every reply; false means a fresh machine and /tmp is empty,
+# so stage again from call 1. The join's sha256 file lives in .gpu_model/p3: carry p3 in the call that joins. Each
+# monitoring call ends by tarring $OUT's results into the call's $OUT, so a machine lost later loses nothing earlier.
 set -u
 OUT=${OUT:?output dir}; mkdir -p "$OUT"
 log() { echo "$(date +%H:%M:%S) $*" >> "$OUT/progress.log"; }
