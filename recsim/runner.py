@@ -79,14 +79,16 @@ def training_loader(cfg, rec, samples, batch_size: int, seed: int) -> DataLoader
     generator = torch.Generator().manual_seed(seed)
     pin = uses_gpu(cfg.trainer.get("accelerator", "auto"))  # page-locked batches: the copy to the GPU does not block the host
     collate = rec.collate
-    if cfg.trainer.get("static_shapes") and hasattr(rec, "sample_length"):
-        # every batch as wide as the fit's longest sample, rounded up: one shape a fit (the last batch: fewer rows)
+    grouped, static = (bool(cfg.trainer.get(k)) and hasattr(rec, "sample_length") for k in ("group_by_length",
+                                                                                          "static_shapes"))
+    lengths = [rec.sample_length(s) for s in samples] if grouped or static else None  # once, for both
+    if static:  # every batch as wide as the fit's longest sample, rounded up: one shape a fit (the last: fewer rows)
         multiple = int(cfg.trainer.get("pad_to_multiple_of") or 8)
-        collate = functools.partial(rec.collate, width=-(-max(map(rec.sample_length, samples)) // multiple) * multiple)
-    if cfg.trainer.get("group_by_length") and hasattr(rec, "sample_length"):
+        collate = functools.partial(rec.collate, width=-(-max(lengths) // multiple) * multiple)
+    if grouped:
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        sampler = LengthGroupedSampler(batch_size, lengths=[rec.sample_length(s) for s in samples], generator=generator)
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
         return DataLoader(samples, batch_size=batch_size, sampler=sampler, collate_fn=collate, pin_memory=pin)
     return DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator,
                       pin_memory=pin)
