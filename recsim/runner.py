@@ -383,12 +383,14 @@ def base_stage_key(cfg) -> dict:
 ANY = object()
 # what a stage 0 is matched without across recsim versions: settings that change neither its weights nor its
 # scores beyond float round-off (ANY value: how many users or prompts a pass holds, its padding, whether the
-# scoring pass is compiled), and settings added to the key later, at the value that does what recsim did
-# before them (a key holding it compares equal to one written before the setting existed)
+# scoring pass or the training step is compiled or replayed as CUDA graphs, how wide its batches are padded),
+# and settings added to the key later, at the value that does what recsim did before them (a key holding it
+# compares equal to one written before the setting existed)
 IGNORED_ACROSS_VERSIONS = {("eval", "batch_size"): ANY, ("eval", "kl_batch_size"): ANY,
                            ("recipe", "scoring", "pad_to_multiple_of"): ANY, ("recipe", "scoring", "compile"): ANY,
                            ("recipe", "scoring", "fp32"): False, ("recipe", "decoders"): ["candidates"],
-                           ("trainer", "static_shapes"): False}
+                           ("trainer", "compile"): ANY, ("trainer", "compile_mode"): ANY,
+                           ("trainer", "static_shapes"): ANY, ("trainer", "pad_to_multiple_of"): ANY}
 
 
 def _comparable(key: dict) -> dict:

@@ -369,3 +369,22 @@ def test_stage0_from_another_version_is_reused_only_with_the_same_settings(tmp_p
     assert not _reuse_other_version(root / "mine2", other_k)
     exact = {**ours, "recipe": {"scoring": {**ours["recipe"]["scoring"], "fp32": True}}}  # not what "old" did
     assert not _reuse_other_version(root / "mine3", exact)
+
+
+def test_stage0_trained_compiled_is_reused_by_an_eager_run(tmp_path):
+    """How a training step runs (compiled, CUDA graphs, static or padded widths) changes a stage 0 only by float
+    round-off: a run whose update falls back to eager reuses the stage 0 trained under CUDA graphs. The batch size
+    and the precision are still part of the match."""
+    from recsim.runner import _reuse_other_version
+
+    root = tmp_path / "base_stage"
+    fast = {"seed": 1, "trainer": {"batch_size": 16, "precision": "bf16-mixed", "compile": True,
+                                   "compile_mode": "reduce-overhead", "static_shapes": True, "pad_to_multiple_of": 64},
+            "recsim_sources": "a"}
+    _stage0_folder(root, "graphs", fast)
+    eager = {**fast, "trainer": {**fast["trainer"], "compile": False, "compile_mode": None, "static_shapes": False,
+                                 "pad_to_multiple_of": None}, "recsim_sources": "a"}
+    assert _reuse_other_version(root / "eager", eager)
+    other_batch = {**eager, "trainer": {**eager["trainer"], "batch_size": 32}}
+    assert not _reuse_other_version(root / "b32", other_batch)
+
