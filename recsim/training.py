@@ -68,6 +68,9 @@ class CompileModel(lightning.Callback):
 
             torch._dynamo.config.automatic_dynamic_shapes = False
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # read by passes inside the step that pick their own widths (EvoRec's L_c pool): under CUDA graphs each new
+        # width is a recompile and a recording, so they keep one
+        pl_module.cuda_graphs = self.mode in CUDA_GRAPH_MODES
         for net in compile_targets(pl_module):
             if getattr(net, "_compiled_call_impl", None) is None:  # a module fitted twice compiles once
                 net.compile(**({"mode": self.mode} if self.mode else {}))

@@ -294,6 +294,27 @@ def test_prepared_l_c_equals_the_per_step_passes(positions, cache, prepare_all):
                                                                                positions), rtol=0, atol=2e-6)
 
 
+def test_pool_batches_keep_the_pool_width_under_cuda_graphs():
+    """Under CUDA graphs (the ranker marked by trainer.compile's callback) every KL batch is as wide as the pool, so
+    the compiled blocks see one shape a update; L_c's values are the per-step reference's up to round-off."""
+    ranker, anchor, pool = _pool_setup()
+    _move_located(ranker, 0.1)
+    ranker.cuda_graphs = True
+    prepared = KLPool(ranker, anchor, pool, "answer", cache_frozen=True)
+    assert prepared.static_width and prepared.summary()["static_width"]
+    narrower = []
+    for rows in (np.array([0, 5, 2]), np.array([7]), np.array([12, 11, 3, 4, 9])):
+        got = prepared.batch(rows)
+        assert got["input_ids"].shape[1] == prepared.width  # not the batch's own longest row
+        narrow = ranker.collate([pool[r] for r in rows])
+        narrower.append(narrow["input_ids"].shape[1] < prepared.width)
+        torch.testing.assert_close(prepared.kl_rows(ranker, anchor, rows), kl_rows(ranker, narrow, anchor, "answer"),
+                                   rtol=0, atol=2e-6)
+    assert any(narrower)  # some batch would have been cut narrower: the width was kept, not merely equal
+    ranker.cuda_graphs = False
+    assert not KLPool(ranker, anchor, pool, "answer", cache_frozen=True).static_width
+
+
 def test_pool_stores_final_states_not_log_probs():
     """The store holds the frozen model's final states [positions, H] (it held [positions, V] fp32 log-probs:
     12.6 GB at the gpu scale); a head that the anchor (a LoRA) could move makes it keep no store."""

@@ -259,10 +259,12 @@ def test_cuda_graph_modes_keep_shapes_static_and_mark_each_step(monkeypatch):
     with torch._dynamo.config.patch(automatic_dynamic_shapes=True, recompile_limit=8):  # restored after
         CompileModel(None).setup(None, module, "fit")
         assert torch._dynamo.config.automatic_dynamic_shapes is True  # the default mode leaves dynamo as it is
+        assert module.cuda_graphs is False  # what the step's own passes (EvoRec's L_c pool) read
         CompileModel(None).on_train_batch_start(None, module, None, 0)
         assert marks == []
         graphs = CompileModel("reduce-overhead")
         graphs.setup(None, module, "fit")
+        assert module.cuda_graphs is True
         graphs.on_train_batch_start(None, module, None, 0)
         assert torch._dynamo.config.automatic_dynamic_shapes is False and torch._dynamo.config.recompile_limit == 64
         assert marks == [1]

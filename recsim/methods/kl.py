@@ -202,6 +202,11 @@ class KLPool:
         # draws fewer samples than the pool would pay for samples it never uses
         if prepare_all is None:
             prepare_all = dev.type == "cuda"
+        # under CUDA graphs (`trainer.compile_mode=reduce-overhead`) every step's KL batch keeps the pool's width:
+        # a batch cut to its own longest row gives each step a new shape, hence a recompile and a new graph (the
+        # gpu-scale EvoRec update hit dynamo's recompile limit and took 5x fine-tuning's time); values change by
+        # round-off only (more left padding)
+        self.static_width = bool(getattr(module, "cuda_graphs", False))
         self.prepare_seconds = 0.0  # of the whole pool at once (the figure would need a sync per step otherwise)
         if prepare_all:
             began = time.perf_counter()
@@ -221,7 +226,7 @@ class KLPool:
         """Device row indices, the batch's first column (left padding: the last `width` columns of the pool
         are what collate() makes of these rows), its attention mask, and the chosen positions (row, column)."""
         index = self._device(rows)
-        start = self.width - int(self.lengths[rows].max())
+        start = 0 if self.static_width else self.width - int(self.lengths[rows].max())
         dist = [self.dist[r] for r in rows]
         b = np.repeat(np.arange(len(rows)), self.counts[rows])
         c = (self.width - start - 1) - np.concatenate(dist)
@@ -336,7 +341,7 @@ class KLPool:
     def summary(self) -> dict:
         return {"split_layer": self.split, "frozen_stored": self.stored, "samples_prepared": int(self.ready.sum()),
                 "frozen_store_mb": round(self.store_bytes / 2**20, 1) if self.stored else 0.0,
-                "prepare_seconds": round(self.prepare_seconds, 3)}
+                "prepare_seconds": round(self.prepare_seconds, 3), "static_width": self.static_width}
 
 
 class AnchorKL:
