@@ -55,7 +55,11 @@ def build_recommender(cfg: DictConfig, data: EncodedData):
         from recsim.models.alpharec import AlphaRecRecommender
 
         return AlphaRecRecommender(cfg, data, cfg.seed)
-    raise ValueError(f"backbone.kind={kind!r}: expected 'llm', 'sequential' or 'graph'")
+    if kind == "student":
+        from recsim.models.student import StudentRecommender
+
+        return StudentRecommender(cfg, data, cfg.paths.cache_dir, cfg.seed)
+    raise ValueError(f"backbone.kind={kind!r}: expected 'llm', 'sequential', 'graph' or 'student'")
 
 
 def _stage_seed(seed: int, stage: int) -> int:

@@ -230,6 +230,14 @@ GRAPH = {f"backbone.{k}": c for k, c in {
     "negatives": Check(lambda v: v == "in_batch" or (_is_int(v) and v >= 1), "an integer >= 1 or in_batch"),
     "max_len": integer(1), "lr": number(0, lo_open=True), "weight_decay": number(0), "grad_clip": number(0, null=True),
     "epochs": integer(1), "batch_size": integer(1), "seed": integer(0, null=True)}.items()}
+# backbone.kind: student (recsim.models.student; encoders restated: this file must not import torch)
+STUDENT = {f"backbone.{k}": c for k, c in {
+    "name": text(), "encoder": one_of("minilm"), "dim": integer(1), "heads": integer(1), "ffn": integer(1),
+    "dropout": DROPOUT, "max_len": integer(1), "negatives": integer(1), "lr": number(0, lo_open=True),
+    "weight_decay": number(0), "epochs": integer(1), "batch_size": integer(1), "seed": integer(0, null=True),
+    **{f"decoder.{d}": integer(1) for d in ("hidden", "layers", "heads", "kv_heads", "intermediate", "max_positions")},
+    "decoder.max_text_tokens": integer(2), "decoder.tokenizer.name": text(),
+    "decoder.tokenizer.source": one_of("gguf_package", "tiny", "hub")}.items()}
 EARLY_STOPPING = {"backbone.early_stopping.metric": VALID_METRIC, "backbone.early_stopping.patience": integer(1),
                   "backbone.early_stopping.max_epochs": integer(1)}
 
@@ -264,6 +272,15 @@ METHOD_BY_NAME = {
                 "method.inherit_init": one_of("increment", "copy")},
     "sdlora": {"method.variant": one_of("all", "latest", "all_inherit", "latest_inherit"),
                "method.inherit_init": one_of("increment", "copy")},
+    # recsim.methods.distill
+    "distill": {f"method.{k}": c for k, c in {
+        "seed": integer(0), "negatives": integer(1), "loss.rec": number(0), "loss.gen": number(0),
+        "loss.kl": number(0), "loss.temperature": number(0, lo_open=True), "loss.t_squared": boolean(),
+        "teacher_batch_size": integer(1), "explanation.prompt": text(), "explanation.max_history": integer(1),
+        "explanation.max_title_words": integer(1, null=True), "explanation.max_prompt_tokens": integer(1),
+        "explanation.max_new_tokens": integer(1), "explanation.batch_size": integer(1),
+        "explanation.max_samples": integer(1, null=True), "explanation.seed": integer(0),
+        "efficiency.enabled": boolean(), "efficiency.requests": integer(1), "efficiency.warmup": integer(0)}.items()},
     "inflora": {"method.variant": one_of("all", "latest"), "method.threshold": number(0, 1, lo_open=True),
                 "method.input_samples": integer(1, null=True), "method.input_batch_size": integer(1)},
 }
@@ -277,6 +294,9 @@ STAGE_BY_NAME = {
     "peso_blocks": {"stage.history_window": integer(1), "stage.min_block_interactions": integer(1)},
     "global_split": {"stage.shares": numbers(0, 1, lo_open=True, hi_open=True), "stage.history_window": integer(1)},
 }
+
+# teacher.* (method=distill's teacher run); optional: configs written before it have no teacher
+TEACHER = {"teacher.run_dir": text(null=True), "teacher.stage": integer()}
 
 # stage.holdout_* (recsim.protocols.holdout), every protocol; optional: configs written before them hold out nobody
 STAGE_OPTIONAL = {"stage.holdout_users": number(0, 1, hi_open=True), "stage.holdout_seed": integer(0)}
@@ -426,8 +446,12 @@ def config_errors(cfg: DictConfig) -> list[str]:
         c.table(GRAPH)
         if c.get("backbone.early_stopping") not in (None, _ABSENT):  # null or absent: early stopping off
             c.table(EARLY_STOPPING)
+    elif kind == "student":
+        c.table(STUDENT)
     else:
-        c.bad("backbone.kind", kind, "one of llm, sequential, graph")
+        c.bad("backbone.kind", kind, "one of llm, sequential, graph, student")
+    if c.get("teacher") is not _ABSENT:
+        c.table(TEACHER)
 
     method = c.get("method.name")
     c.table(c.option("method.name", METHOD_BY_NAME, "method"))
@@ -512,6 +536,21 @@ def _cross_checks(c: _Checker) -> None:
     for prefix, model in heads:
         if model == "sasrec" and g(prefix + "hidden") % g(prefix + "heads"):
             c.bad(prefix + "heads", g(prefix + "heads"), f"a divisor of {prefix}hidden={g(prefix + 'hidden')}")
+    if g("method.name") == "distill":
+        run_dir = g("teacher.run_dir") if g("teacher") is not _ABSENT else None
+        if g("backbone.kind") == "student" and run_dir is None:
+            c.bad("teacher.run_dir", None, "the folder of a finished recsim run of an LLM recommender (method=distill "
+                  "distils it)")
+        if run_dir is not None and g("backbone.kind") != "student":
+            c.bad("backbone.kind", g("backbone.kind"), "student with method=distill (backbone=student)")
+        for key in ("{history}", "{item}"):
+            if key not in g("method.explanation.prompt"):
+                c.bad("method.explanation.prompt", g("method.explanation.prompt"), f"a string containing {key}")
+    if g("backbone.kind") == "student":
+        for inner, outer in (("backbone.heads", "backbone.dim"), ("backbone.decoder.kv_heads", "backbone.decoder.heads"),
+                             ("backbone.decoder.heads", "backbone.decoder.hidden")):
+            if g(outer) % g(inner):
+                c.bad(inner, g(inner), f"a divisor of {outer}={g(outer)}")
     if g("backbone.kind") == "llm" and g("backbone.source") == "tiny":
         t = g("backbone.tiny")
         if t["hidden_size"] % t["num_heads"]:

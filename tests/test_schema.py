@@ -78,7 +78,7 @@ def test_every_experiment_validates(name):
     (["dataset=beauty", "dataset.folder=null"], "dataset.folder=null: expected a non-empty string"),
     (["dataset.reader=movielens"], "dataset.reader='movielens': expected one of amazon2014_staged, amazon2018, amazon2018_d3, "
                                    "mcauley2014"),
-    (["method.name=replay"], "method.name='replay': expected one of base, evorec"),
+    (["method.name=replay"], "method.name='replay': expected one of base, distill, evorec"),
     (["backbone=sasrec", "backbone.heads=3"], "backbone.heads=3: expected a divisor of backbone.hidden=64"),
     (["backbone=sasrec", "backbone.model=caser"], "backbone.model='caser': expected one of bpr_mf, gru4rec, sasrec"),
     (["backbone.lora.r=0"], "backbone.lora.r=0: expected an integer >= 1"),

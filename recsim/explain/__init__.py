@@ -1,0 +1,1 @@
+"""Explanations of recommendations: the teacher LLM's (recsim.explain.teacher) and what they are scored with."""
