@@ -66,6 +66,16 @@ def _stage_seed(seed: int, stage: int) -> int:
     return seed * 1000 + stage
 
 
+def training_subsample(cfg, stage_index: int, samples):
+    """What a stage's fit trains on of the method's samples: all of them, or with `trainer.max_train_samples` a
+    seeded subsample of that many (keeps CPU runs affordable); the membership audit replays it."""
+    cap = cfg.trainer.get("max_train_samples")
+    if samples and cap and len(samples) > cap:
+        keep = np.random.default_rng(_stage_seed(cfg.seed, stage_index)).choice(len(samples), cap, replace=False)
+        samples = [samples[i] for i in sorted(keep)]
+    return samples
+
+
 def _loggers(cfg, out: Path, version: str):
     from lightning.pytorch.loggers import CSVLogger
 
@@ -141,11 +151,7 @@ def fit_stage(cfg, stage, rec, method, out: Path, protocol=None) -> dict:
                                                             f"stage{stage.index}_{tag}")
     trainable = 0
     with UpdateMeter() as meter:
-        samples = method.training_samples(stage, rec)
-        cap = cfg.trainer.get("max_train_samples")
-        if samples and cap and len(samples) > cap:  # a seeded subsample keeps CPU runs affordable
-            keep = np.random.default_rng(seed).choice(len(samples), cap, replace=False)
-            samples = [samples[i] for i in sorted(keep)]
+        samples = training_subsample(cfg, stage.index, method.training_samples(stage, rec))
         if samples:
             method.before_update(stage, rec, samples)
             # parameters the method added now (SumLoRA's new adapter): changed = moved by the fit from their start

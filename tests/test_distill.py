@@ -306,11 +306,12 @@ def test_bad_teacher_runs_are_refused_naming_teacher_run_dir(tmp_path, teacher, 
 def test_config_errors_name_teacher_run_dir_and_the_backbone():
     from recsim.schema import config_errors
 
-    assert config_errors(compose(["method=distill"])) == []  # the shipped option composes (with its own backbone)
-    assert config_errors(compose(["backbone=student", "method=distill"])) == [
-        "teacher.run_dir=null: expected the folder of a finished recsim run of an LLM recommender (method=distill "
-        "distils it)"]
-    assert config_errors(compose(["method=distill", "teacher.run_dir=/x"])) == [
+    for student in (["backbone=student"], []):  # method=distill chooses the student backbone itself
+        assert config_errors(compose([*student, "method=distill"])) == [
+            "teacher.run_dir=null: expected the folder of a finished recsim run of an LLM recommender (method=distill "
+            "distils it)"]
+    assert config_errors(compose(["method=distill", "teacher.run_dir=/x"])) == []
+    assert config_errors(compose(["method=distill", "backbone=tiny_llama", "teacher.run_dir=/x"])) == [
         "backbone.kind='llm': expected student with method=distill (backbone=student)"]
     assert config_errors(compose(["backbone=student", "method=distill", "teacher.run_dir=/x",
                                   "method.loss.temperature=0"])) == ["method.loss.temperature=0: expected a number > 0"]

@@ -19,12 +19,20 @@ OPTIONS = [(group, p.stem) for group in GROUPS
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-REQUIRED = {("dataset", "recbole"): ["dataset.folder=amazon-beauty"]}  # options with a mandatory (???) key
+REQUIRED = {("dataset", "recbole"): ["dataset.folder=amazon-beauty"],  # options with a mandatory (???) key
+            ("method", "distill"): ["teacher.run_dir=outputs/runs/teacher"]}  # its student needs a teacher run
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)
 def test_every_shipped_option_validates(group, option):
     assert config_errors(compose([f"{group}={option}", *REQUIRED.get((group, option), [])])) == []
+
+
+def test_distill_picks_the_student_and_needs_a_teacher():
+    cfg = compose(["method=distill"])
+    assert cfg.backbone.kind == "student"  # the method's defaults choose its model; backbone=... still wins
+    assert compose(["method=distill", "backbone=tiny_llama"]).backbone.name == "tiny_llama"
+    assert any("teacher.run_dir" in e for e in config_errors(cfg))
 
 
 def test_mandatory_value_left_unset_is_named():
