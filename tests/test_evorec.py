@@ -15,6 +15,7 @@ from recsim.backbones import lora as lora_ops
 from recsim.methods.evorec import EvoRec
 from recsim.methods.kl import AnchorKL, kl_after_update, kl_rows
 from recsim.protocols.base import Sample, StageData
+from recsim.training import compile_targets
 
 from conftest import compose
 from test_llm_ranker import tiny_ranker
@@ -425,3 +426,31 @@ def test_ftkl_keeps_the_per_step_term():
         assert value.item() == kl_to_anchor(ranker, batch, anchor).item() > 0
     with pytest.raises(ValueError, match="method.kl.cache_frozen='bogus': expected auto, true or false"):
         AnchorKL(anchor, 1.0, cache_frozen="bogus")
+
+
+def test_pool_is_prepared_eagerly_under_a_compiled_model():
+    """The whole pool's one-off preparation runs the blocks eagerly even when trainer.compile compiled them (its
+    chunks differ in row count: compiled, each would be a recompile and under CUDA graphs a recording), and
+    prepares the same states as without compilation."""
+    import torch._dynamo
+
+    ranker, anchor, pool = _pool_setup()
+    _move_located(ranker, 0.1)
+    plain = KLPool(ranker, anchor, pool, "answer", cache_frozen=True, prepare_all=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    targets = compile_targets(ranker)
+    for net in targets:
+        net.compile(backend="eager")  # what CompileModel does, with a backend that needs no compiler
+    try:
+        prepared = KLPool(ranker, anchor, pool, "answer", cache_frozen=True, prepare_all=True)
+        assert prepared.ready.all()
+        assert torch._dynamo.utils.counters["stats"]["calls_captured"] == 0  # no block was traced
+        torch.testing.assert_close(prepared.frozen_h, plain.frozen_h, rtol=0, atol=0)
+        rows = np.array([0, 1])
+        prepared.kl_rows(ranker, anchor, rows)  # a step's pass is compiled as the trainer asked
+        assert torch._dynamo.utils.counters["stats"]["calls_captured"] > 0
+    finally:
+        for net in targets:
+            net._compiled_call_impl = None
+        torch._dynamo.reset()

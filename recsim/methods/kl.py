@@ -210,7 +210,11 @@ class KLPool:
         self.prepare_seconds = 0.0  # of the whole pool at once (the figure would need a sync per step otherwise)
         if prepare_all:
             began = time.perf_counter()
-            self._prepare_all(module, anchor)
+            # eager, also when the trainer compiled the blocks: the pool's chunks differ in row count, so compiled
+            # each would be a new shape (a recompile, under CUDA graphs a recording too) for a pass made once; the
+            # gpu-scale update spent 34 s of its 129 s here that way, where a few eager no-grad passes suffice
+            with torch.compiler.set_stance("force_eager"):
+                self._prepare_all(module, anchor)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)  # once per update: the time is the device's, not the launches'
             self.prepare_seconds = time.perf_counter() - began
