@@ -12,6 +12,7 @@
 # Output: $OUT/rep/<scale>/<dataset>/<run>/ (recsim.reproduce's folders), $OUT/progress.log, $OUT/rep/.../TABLES.md
 # rendered after every phase. Needs the staged environment (PYTHONPATH=/tmp/site:<src>, RECSIM_CACHE, RECSIM_DATA).
 #   OUT=/tmp/lease SEEDS="1 2 3" P=4 setsid nohup bash benchmarks/gpu_table_lease.sh > /tmp/driver.log 2>&1 &
+# AFTER="<command>": run once every table run is done, e.g. AFTER="OUT=/tmp/lease/bench bash benchmarks/gpu_bench.sh graphs"
 set -u
 OUT=${OUT:?output dir}; REP=$OUT/rep; SCALE=${SCALE:-gpu}; TABLES=${TABLES:-evorec_main_beauty}
 SEEDS=${SEEDS:-1 2 3}; P=${P:-4}; ALONE=${ALONE:-finetune evorec}
@@ -64,3 +65,6 @@ for seed in ${SEEDS#"$first"}; do
   side_by_side "$seed" $(methods | grep -vx base); render "seed $seed"
 done
 touch "$OUT/ALL_DONE"; log "all done"
+if [ -n "${AFTER:-}" ]; then  # what the rest of the lease is for once the table runs are done (benchmarks)
+  log "after: $AFTER"; (eval "$AFTER") > "$OUT/after.log" 2>&1; log "after done (rc $?)"
+fi
